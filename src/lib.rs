@@ -1,0 +1,33 @@
+//! spanbuf: assembles tracing spans into segments in Redis and flushes them to
+//! Kafka.
+//!
+//! # Data path
+//! ```text
+//! Kafka input ──▶ span::decode ──▶ ingest (group → compress → store) ──▶ commit offsets
+//!                                          │
+//!              Redis: payload sets, segment indexes, per-shard flush queues
+//!                                          │
+//! Kafka output ◀── flush (candidates → lock → load → build → produce → cleanup)
+//! ```
+//!
+//! # Parts
+//! - [`config`]: the one typed configuration, from `SPANBUF_*` variables only.
+//! - [`span`]: what a span is to spanbuf: decoding (JSON / MessagePack), the
+//!   invalid-input reasons, and the payload compression format in Redis.
+//! - [`ingest`]: one batch of spans → subsegments → Redis (DESIGN §5).
+//! - [`store`]: the only code that talks to Redis: key layout (Sentry
+//!   compatible), Lua scripts, pipelined stages over standalone or cluster.
+//! - [`metrics`]: every exported metric, declared once.
+//!
+//! # Ownership and guarantees
+//! Ingest writes a batch in a fixed number of round trips and returns only
+//! once Redis acknowledged all of it; the caller commits offsets after that
+//! and not before. Every key is written with `SPANBUF_REDIS_TTL_SECS`.
+//! Re-ingesting a batch is idempotent: payload sets are keyed by a hash of
+//! their span ids and the insert script does not count a salt twice.
+
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod span;
+pub mod store;

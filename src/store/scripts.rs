@@ -1,0 +1,92 @@
+//! The Lua scripts of `lua/`, embedded at build time and loaded into Redis.
+//!
+//! Owns script source and SHA bookkeeping; building the calls is the job of the
+//! operation modules in `store/`. Scripts are invoked with EVALSHA; a NOSCRIPT
+//! reply (Redis restarted, SCRIPT FLUSH, failover to a fresh node) makes the
+//! store reload every script and retry the affected calls.
+
+/// One script of `lua/`.
+pub struct LuaScript {
+    pub name: &'static str,
+    source: &'static str,
+    sha: String,
+}
+
+impl LuaScript {
+    fn new(name: &'static str, source: &'static str) -> Self {
+        let sha = redis::Script::new(source).get_hash().to_string();
+        Self { name, source, sha }
+    }
+
+    /// SHA1 of the source, the EVALSHA handle.
+    pub fn sha(&self) -> &str {
+        &self.sha
+    }
+
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+
+    /// `EVALSHA sha 1 <key>`; the caller appends the ARGV. One key only: it
+    /// names the slot, the script derives the rest (see each script's header).
+    pub fn call(&self, slot_key: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(1).arg(slot_key);
+        cmd
+    }
+
+    /// `SCRIPT LOAD`; Redis Cluster routes it to every primary.
+    pub fn load_command(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(self.source);
+        cmd
+    }
+}
+
+/// Every script spanbuf runs.
+pub struct Scripts {
+    /// `lua/add_buffer.lua`: insert one subsegment (DESIGN §5 step 4).
+    pub add_buffer: LuaScript,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Self {
+            add_buffer: LuaScript::new("add_buffer", include_str!("../../lua/add_buffer.lua")),
+        }
+    }
+
+    pub fn all(&self) -> [&LuaScript; 1] {
+        [&self.add_buffer]
+    }
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DESIGN §4: each script opens with a comment stating purpose, KEYS,
+    /// ARGV, return value and slot.
+    #[test]
+    fn every_script_has_its_header() {
+        for script in Scripts::new().all() {
+            let source = script.source();
+            assert!(
+                source.starts_with("--[["),
+                "{} must open with a comment",
+                script.name
+            );
+            let header = source.split("]]").next().unwrap_or_default();
+            for word in ["Purpose", "KEYS", "ARGV", "Returns", "slot"] {
+                assert!(header.contains(word), "{} header lacks {word}", script.name);
+            }
+            assert_eq!(script.sha().len(), 40);
+        }
+    }
+}
