@@ -4,7 +4,7 @@
 //! (default 100k spans: 5000 traces × 20 spans of ~900 bytes, arrival shuffled
 //! within a 1000-span window), ingests it in 500-span batches one after the
 //! other (as one consumer does), and prints spans/s, batches/s and Redis round
-//! trips per batch. Environment knobs: `BENCH_SPANS`, `BENCH_BATCH`,
+//! trips per batch (under `cargo test` it is a 5k-span smoke run). Environment knobs: `BENCH_SPANS`, `BENCH_BATCH`,
 //! `BENCH_CLUSTER=1` (a local 3-master cluster instead of one server), and any
 //! `SPANBUF_*` variable (compression level, …).
 
@@ -87,8 +87,10 @@ fn workload(total: usize, seed: u64) -> Vec<Vec<u8>> {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing else to parse.
-    let total = env_usize("BENCH_SPANS", 100_000);
+    // `cargo bench` passes `--bench`; under `cargo test` this runs as a small
+    // smoke test of the same path.
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let total = env_usize("BENCH_SPANS", if bench_mode { 100_000 } else { 5_000 });
     let batch_size = env_usize("BENCH_BATCH", 500);
     let cluster = std::env::var("BENCH_CLUSTER").is_ok_and(|v| v == "1");
     let mut config = Config::from_env().unwrap_or_else(|e| panic!("bad configuration:\n{e}"));

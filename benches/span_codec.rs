@@ -1,11 +1,13 @@
 //! Benchmarks of the span codec hot paths: decoding one input span (JSON and
-//! MessagePack) and packing / unpacking one subsegment's payloads for Redis.
+//! MessagePack), packing / unpacking one subsegment's payloads for Redis, and
+//! building and encoding the output record of a 50-span segment.
 //!
 //! Input is a realistic ~900-byte `ingest-spans` span; a subsegment is 50 such
 //! spans with distinct ids, descriptions and timings, so compression ratios are
 //! those of real data rather than of 50 identical copies.
 //!
-//! Run: `cargo bench --bench span_codec` (add `-- --quick` for a short run).
+//! Run: `cargo bench --bench span_codec` (add `-- --quick` for a short run;
+//! filter with e.g. `-- build_records` or `-- flushed_segment`).
 
 use std::hint::black_box;
 
@@ -14,6 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::{json, Value};
 use spanbuf::span::compress::{decode_member, encode_members};
 use spanbuf::span::decode_span;
+use spanbuf::span::record::{build_records, SegmentPayloads};
 
 const MAX_SPAN_BYTES: usize = 1 << 20;
 const SUBSEGMENT_SPANS: usize = 50;
@@ -142,5 +145,59 @@ fn bench_members(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_members);
+/// One segment of 50 spans as the flusher sees it: segment id = the parent of
+/// every sample span, a seed shaped like segment key + salts.
+fn bench_records(c: &mut Criterion) {
+    let payloads: Vec<Bytes> = json_payloads().into_iter().map(Bytes::from).collect();
+    let raw_bytes: usize = payloads.iter().map(Bytes::len).sum();
+    let segment_id = hex(1, 16);
+    let trace_id = hex(0, 32);
+    let seed = format!(
+        "span-buf:s:{{4505000000000123:{trace_id}}}:{segment_id}\x00{}\x00{}",
+        hex(7, 32),
+        hex(8, 32)
+    );
+    let input = SegmentPayloads {
+        segment_id: &segment_id,
+        project_id: 4_505_000_000_000_123,
+        trace_id: &trace_id,
+        payloads: &payloads,
+        flush_seed: seed.as_bytes(),
+    };
+    let max_segment_bytes = 10 * 1024 * 1024;
+    let built = build_records(&input, max_segment_bytes);
+    assert_eq!((built.records.len(), built.spans), (1, SUBSEGMENT_SPANS));
+    // Chunks of about a fifth of the segment, to price the split.
+    let chunk_bytes = built.bytes / 5;
+    assert!(build_records(&input, chunk_bytes).records.len() > 1);
+    let record = &built.records[0];
+    let json = record.to_json().unwrap();
+    let msgpack = record.to_msgpack().unwrap();
+    eprintln!(
+        "50-span segment: {raw_bytes} payload bytes, {} span bytes out, record {} bytes as JSON, {} as MessagePack",
+        built.bytes,
+        json.len(),
+        msgpack.len()
+    );
+
+    let mut group = c.benchmark_group("build_records");
+    group.throughput(Throughput::Bytes(raw_bytes as u64));
+    group.bench_function("50_spans", |b| {
+        b.iter(|| build_records(black_box(&input), max_segment_bytes))
+    });
+    group.bench_function("50_spans_chunked", |b| {
+        b.iter(|| build_records(black_box(&input), chunk_bytes))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("flushed_segment");
+    group.throughput(Throughput::Bytes(json.len() as u64));
+    group.bench_function("to_json_50", |b| b.iter(|| black_box(record).to_json()));
+    group.bench_function("to_msgpack_50", |b| {
+        b.iter(|| black_box(record).to_msgpack())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_members, bench_records);
 criterion_main!(benches);

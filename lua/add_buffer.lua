@@ -132,6 +132,9 @@ for i = FIRST_ID, #ARGV do
         children[#children + 1] = id
     end
 end
+-- A child segment that a flusher has locked is left alone: its data is being
+-- delivered under its own id, and merging it now would move salts the
+-- flusher is about to clean up.
 local child_ic = {}
 local child_ibc = {}
 for i = 1, #children, PAGE do
@@ -141,14 +144,17 @@ for i = 1, #children, PAGE do
         local seg = segment_key(children[j])
         keys[#keys + 1] = meta_key("ic", seg)
         keys[#keys + 1] = meta_key("ibc", seg)
+        keys[#keys + 1] = meta_key("fl", seg)
     end
     local values = redis.call("MGET", unpack(keys))
     for j = i, last do
-        local k = (j - i) * 2
-        child_ic[j] = values[k + 1]
-        child_ibc[j] = values[k + 2]
-        if child_ibc[j] then
-            byte_count = byte_count + tonumber(child_ibc[j])
+        local k = (j - i) * 3
+        if not (check_lock and values[k + 3]) then
+            child_ic[j] = values[k + 1]
+            child_ibc[j] = values[k + 2]
+            if child_ibc[j] then
+                byte_count = byte_count + tonumber(child_ibc[j])
+            end
         end
     end
 end

@@ -15,6 +15,9 @@
 //! - [`span`]: what a span is to spanbuf: decoding (JSON / MessagePack), the
 //!   invalid-input reasons, and the payload compression format in Redis.
 //! - [`ingest`]: one batch of spans → subsegments → Redis (DESIGN §5).
+//! - [`flush`]: due segments → lock → load → records → [`sink`] → precise
+//!   cleanup (DESIGN §6).
+//! - [`replay`]: recorded spans through ingest and flush without Kafka (§7).
 //! - [`store`]: the only code that talks to Redis: key layout (Sentry
 //!   compatible), Lua scripts, pipelined stages over standalone or cluster.
 //! - [`metrics`]: every exported metric, declared once.
@@ -27,7 +30,10 @@
 //! their span ids and the insert script does not count a salt twice.
 
 pub mod config;
+pub mod flush;
 pub mod ingest;
 pub mod metrics;
+pub mod replay;
+pub mod sink;
 pub mod span;
 pub mod store;

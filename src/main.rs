@@ -5,9 +5,12 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
 
 use spanbuf::config::Config;
+use spanbuf::replay::{ReplayOptions, ReplaySummary};
 
 /// Assembles tracing spans into segments in Redis and flushes them to Kafka.
 ///
@@ -26,6 +29,28 @@ enum Command {
     Config,
     /// Check that Redis is reachable and the Lua scripts load, then exit.
     Check,
+    /// Replay recorded spans (NDJSON) through ingest and flush against Redis,
+    /// without Kafka; FlushedSegment records go out as NDJSON.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Input file of spans, one JSON object per line; `-` for stdin.
+    #[arg(long, default_value = "-")]
+    input: PathBuf,
+    /// Output file of FlushedSegment records (JSON, one per line); `-` for stdout.
+    #[arg(long, default_value = "-")]
+    output: PathBuf,
+    /// Lines per ingest batch.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    batch_size: u64,
+    /// Number of shards; a span's shard is its trace id modulo this.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    shards: u32,
+    /// Do not flush what is still buffered at the end of input.
+    #[arg(long)]
+    no_drain: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,7 +68,35 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check => run_async(check(config)),
+        Command::Replay(args) => run_async(replay(config, args)),
     }
+}
+
+/// Logs go to stderr; the summary line is the last line of stderr.
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        spanbuf::config::LogFormat::Json => builder.json().init(),
+        spanbuf::config::LogFormat::Text => builder.init(),
+    }
+}
+
+async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
+    init_logging(&config);
+    let options = ReplayOptions {
+        input: args.input,
+        output: args.output,
+        batch_size: usize::try_from(args.batch_size)?,
+        shards: args.shards,
+        drain: !args.no_drain,
+    };
+    let summary: ReplaySummary = spanbuf::replay::replay(&config, &options).await?;
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    Ok(())
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

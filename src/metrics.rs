@@ -6,7 +6,8 @@
 //! are fixed by DESIGN §9.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::span::InvalidReason;
@@ -30,6 +31,30 @@ pub struct Metrics {
     pub ingest_payload_bytes_total: IntCounterVec,
     /// Time to write one batch to Redis (grouping, compression, insert, queue update).
     pub ingest_batch_duration_seconds: Histogram,
+    /// Spans in delivered records.
+    pub spans_flushed_total: IntCounter,
+    /// Duplicate spans (same span id in one segment) removed at flush.
+    pub spans_duplicate_total: IntCounter,
+    /// Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data).
+    pub spans_dropped_total: IntCounterVec,
+    /// Segments delivered and cleaned up.
+    pub segments_flushed_total: IntCounter,
+    /// Due queue entries with no data behind them (stale entries), cleaned up.
+    pub segments_empty_total: IntCounter,
+    /// Segments delivered in several chunks because they exceeded the size limit.
+    pub segments_chunked_total: IntCounter,
+    /// Output records delivered.
+    pub records_flushed_total: IntCounter,
+    /// Due segments skipped because another flusher held their lock.
+    pub flush_lock_contention_total: IntCounter,
+    /// Flush cycles that failed, by stage (redis, sink); the segments stay buffered.
+    pub flush_failures_total: IntCounterVec,
+    /// Segments in the flush queue of a shard.
+    pub queue_segments: IntGaugeVec,
+    /// Now minus the oldest due deadline of a shard's queue; 0 when nothing is overdue.
+    pub flush_lag_seconds: GaugeVec,
+    /// Time of one flush cycle (read queues, lock, load, build, deliver, clean up).
+    pub flush_cycle_duration_seconds: Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,18 +65,28 @@ pub struct MetricsError {
     source: prometheus::Error,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
-    let c = IntCounter::new(name, help).map_err(|source| MetricsError {
+/// Registers a freshly built collector under `name`.
+fn register<C>(
+    registry: &Registry,
+    name: &str,
+    built: Result<C, prometheus::Error>,
+) -> Result<C, MetricsError>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    let wrap = |source| MetricsError {
         name: name.into(),
         source,
-    })?;
+    };
+    let collector = built.map_err(wrap)?;
     registry
-        .register(Box::new(c.clone()))
-        .map_err(|source| MetricsError {
-            name: name.into(),
-            source,
-        })?;
-    Ok(c)
+        .register(Box::new(collector.clone()))
+        .map_err(wrap)?;
+    Ok(collector)
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+    register(registry, name, IntCounter::new(name, help))
 }
 
 fn counter_vec(
@@ -60,17 +95,37 @@ fn counter_vec(
     help: &str,
     label: &str,
 ) -> Result<IntCounterVec, MetricsError> {
-    let c = IntCounterVec::new(Opts::new(name, help), &[label]).map_err(|source| MetricsError {
-        name: name.into(),
-        source,
-    })?;
-    registry
-        .register(Box::new(c.clone()))
-        .map_err(|source| MetricsError {
-            name: name.into(),
-            source,
-        })?;
-    Ok(c)
+    register(
+        registry,
+        name,
+        IntCounterVec::new(Opts::new(name, help), &[label]),
+    )
+}
+
+fn int_gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Result<IntGaugeVec, MetricsError> {
+    register(
+        registry,
+        name,
+        IntGaugeVec::new(Opts::new(name, help), &[label]),
+    )
+}
+
+fn gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Result<GaugeVec, MetricsError> {
+    register(
+        registry,
+        name,
+        GaugeVec::new(Opts::new(name, help), &[label]),
+    )
 }
 
 fn histogram(
@@ -79,20 +134,15 @@ fn histogram(
     help: &str,
     buckets: Vec<f64>,
 ) -> Result<Histogram, MetricsError> {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).map_err(
-        |source| MetricsError {
-            name: name.into(),
-            source,
-        },
-    )?;
-    registry
-        .register(Box::new(h.clone()))
-        .map_err(|source| MetricsError {
-            name: name.into(),
-            source,
-        })?;
-    Ok(h)
+    register(
+        registry,
+        name,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)),
+    )
 }
+
+/// The closed `reason` set of `spanbuf_spans_dropped_total`.
+pub const DROP_REASONS: [&str; 2] = ["expired", "unreadable"];
 
 /// Latency buckets for Redis-bound work: 0.5 ms … 10 s.
 fn latency_buckets() -> Vec<f64> {
@@ -113,6 +163,18 @@ impl Metrics {
             segments_merged_total: counter(&r, "spanbuf_segments_merged_total", "Earlier segments merged into another one when their parent arrived.")?,
             ingest_payload_bytes_total: counter_vec(&r, "spanbuf_ingest_payload_bytes_total", "Span payload bytes ingested, by kind (raw = as received, stored = after compression).", "kind")?,
             ingest_batch_duration_seconds: histogram(&r, "spanbuf_ingest_batch_duration_seconds", "Time to write one batch to Redis (grouping, compression, insert, queue update).", latency_buckets())?,
+            spans_flushed_total: counter(&r, "spanbuf_spans_flushed_total", "Spans in delivered records.")?,
+            spans_duplicate_total: counter(&r, "spanbuf_spans_duplicate_total", "Duplicate spans (same span id in one segment) removed at flush.")?,
+            spans_dropped_total: counter_vec(&r, "spanbuf_spans_dropped_total", "Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data).", "reason")?,
+            segments_flushed_total: counter(&r, "spanbuf_segments_flushed_total", "Segments delivered and cleaned up.")?,
+            segments_empty_total: counter(&r, "spanbuf_segments_empty_total", "Due queue entries with no data behind them (stale entries), cleaned up.")?,
+            segments_chunked_total: counter(&r, "spanbuf_segments_chunked_total", "Segments delivered in several chunks because they exceeded the size limit.")?,
+            records_flushed_total: counter(&r, "spanbuf_records_flushed_total", "Output records delivered.")?,
+            flush_lock_contention_total: counter(&r, "spanbuf_flush_lock_contention_total", "Due segments skipped because another flusher held their lock.")?,
+            flush_failures_total: counter_vec(&r, "spanbuf_flush_failures_total", "Flush cycles that failed, by stage (redis, sink); the segments stay buffered.", "stage")?,
+            queue_segments: int_gauge_vec(&r, "spanbuf_queue_segments", "Segments in the flush queue of a shard.", "shard")?,
+            flush_lag_seconds: gauge_vec(&r, "spanbuf_flush_lag_seconds", "Now minus the oldest due deadline of a shard's queue; 0 when nothing is overdue.", "shard")?,
+            flush_cycle_duration_seconds: histogram(&r, "spanbuf_flush_cycle_duration_seconds", "Time of one flush cycle (read queues, lock, load, build, deliver, clean up).", latency_buckets())?,
             registry: r,
         };
         // Closed label sets are exported from the start, at zero, so alerts
@@ -125,6 +187,12 @@ impl Metrics {
         }
         for kind in ["raw", "stored"] {
             m.ingest_payload_bytes_total.with_label_values(&[kind]);
+        }
+        for reason in DROP_REASONS {
+            m.spans_dropped_total.with_label_values(&[reason]);
+        }
+        for stage in ["redis", "sink"] {
+            m.flush_failures_total.with_label_values(&[stage]);
         }
         Ok(m)
     }

@@ -119,3 +119,69 @@ fn check_reports_redis_and_fails_cleanly_without_it() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("redis"), "{stderr}");
 }
+
+#[test]
+fn replay_writes_records_and_a_summary_line() {
+    let server = support::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("spans.ndjson");
+    let output = dir.path().join("segments.ndjson");
+    let trace = "0123456789abcdef0123456789abcdef";
+    let mut lines = vec![
+        format!(
+            r#"{{"trace_id":"{trace}","span_id":"000000000000000a","parent_span_id":null,"project_id":1,"received":1700000000.0}}"#
+        ),
+        String::new(),
+        "garbage line".to_string(),
+        format!(
+            r#"{{"trace_id":"{trace}","span_id":"000000000000000b","parent_span_id":"000000000000000a","project_id":1}}"#
+        ),
+        format!(r#"{{"trace_id":"{trace}","span_id":"bad","project_id":1}}"#),
+    ];
+    lines.push(String::new());
+    std::fs::write(&input, lines.join("\n")).expect("write input");
+
+    let out = spanbuf(
+        &[
+            "replay",
+            "--input",
+            input.to_str().expect("utf-8 path"),
+            "--output",
+            output.to_str().expect("utf-8 path"),
+            "--batch-size",
+            "2",
+        ],
+        &[("SPANBUF_REDIS_URL", &server.url())],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().expect("a summary line"))
+            .expect("summary is json");
+    assert_eq!(
+        summary,
+        serde_json::json!({"spans_in": 4, "spans_invalid": 2, "segments_out": 1, "records_out": 1,
+                           "spans_out": 2, "spans_duplicate": 0, "spans_dropped": 0})
+    );
+    let records = std::fs::read_to_string(&output).expect("output written");
+    assert_eq!(records.lines().count(), 1);
+    let record: serde_json::Value = serde_json::from_str(records.trim()).expect("record is json");
+    assert_eq!(record["segment_id"], "000000000000000a");
+    assert_eq!(record["spans"].as_array().map(Vec::len), Some(2));
+    assert_eq!(record["flush_id"].as_str().map(str::len), Some(32));
+}
+
+#[test]
+fn replay_of_a_missing_file_fails_with_its_name() {
+    let server = support::RedisServer::start();
+    let out = spanbuf(
+        &["replay", "--input", "/nonexistent/spans.ndjson"],
+        &[("SPANBUF_REDIS_URL", &server.url())],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/spans.ndjson"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -120,7 +120,7 @@ async fn tree_every_order_one_batch(backend: Backend) {
         let out = env.ingest(&batch, NOW).await;
         assert_eq!((out.spans, out.subsegments), (4, 1), "order {order:?}");
         let ids: Vec<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-        assert_single_segment(&mut env, &spans[0].pt(), &ids[0], &ids, true, NOW + 10.0).await;
+        assert_single_segment(&mut env, &spans[0].pt(), ids[0], &ids, true, NOW + 10.0).await;
     }
     env.assert_layout().await;
 }
@@ -138,7 +138,7 @@ async fn tree_every_order_single_span_batches(backend: Backend) {
         assert_single_segment(
             &mut env,
             &spans[0].pt(),
-            &ids[0],
+            ids[0],
             &ids,
             true,
             NOW + 3.0 + 10.0,
@@ -280,7 +280,7 @@ async fn segment_id_known_upstream(backend: Backend) {
     let t = trace(11);
     let (a, b, c) = (id(0xa), id(0xb), id(0xc));
     let late_child = TestSpan::new(&t, &c, Some(&b)).known_segment(&a);
-    env.ingest(&[late_child.clone()], NOW).await;
+    env.ingest(std::slice::from_ref(&late_child), NOW).await;
     // Known segment id: grouped straight under the root, no segment `b`.
     let segments = env.inspect.segments(&late_child.pt()).await;
     assert_eq!(segments, BTreeMap::from([(a.clone(), set(&[&c]))]));
@@ -599,7 +599,7 @@ async fn shards_and_slices(backend: Backend) {
     let mut env = Env::start(backend, |c| c.buffer.slice_id = Some(7)).await;
     let t = trace(50);
     let root = TestSpan::new(&t, &id(0xa), None);
-    env.ingest_on(3, &[root.clone()], NOW).await;
+    env.ingest_on(3, std::slice::from_ref(&root), NOW).await;
     let seg = env.keys().segment(&root.pt(), &id(0xa));
     let queue_key = env.keys().queue(3);
     assert_eq!(queue_key, format!("{}:q:7-3", env.config.redis.key_prefix));

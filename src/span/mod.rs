@@ -16,8 +16,10 @@
 
 pub mod compress;
 pub mod decode;
+pub mod record;
 
 pub use decode::{decode_span, InvalidReason, InvalidSpan};
+pub use record::{build_records, BuiltSegment, FlushedSegment, RecordError, SegmentPayloads};
 
 /// One valid input span: the fields spanbuf reads, plus the payload it stores.
 ///

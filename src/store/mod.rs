@@ -11,12 +11,17 @@
 //! latency whatever the number of slots it touches.
 //!
 //! Must not contain ingest or flush policy: the operation modules
-//! (`ingest_ops`) translate domain requests into commands and replies back.
+//! (`ingest_ops`, `flush_ops`) translate domain requests into commands and
+//! replies back.
 
+mod flush_ops;
 mod ingest_ops;
 pub mod keys;
 pub mod scripts;
 
+pub use flush_ops::{
+    DeliveredSalt, DoneReply, DoneRequest, LoadRequest, Loaded, PayloadSet, QueueSnapshot,
+};
 pub use ingest_ops::{Detach, InsertParams, InsertReply, QueueUpdate, SubsegmentWrite};
 pub use keys::{Keys, SegmentRef};
 

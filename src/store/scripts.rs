@@ -47,17 +47,34 @@ impl LuaScript {
 pub struct Scripts {
     /// `lua/add_buffer.lua`: insert one subsegment (DESIGN §5 step 4).
     pub add_buffer: LuaScript,
+    /// `lua/flush_load.lua`: lock a segment and snapshot its index (§6 steps 2–3).
+    pub flush_load: LuaScript,
+    /// `lua/flush_done.lua`: precise cleanup after delivery (§6 step 6).
+    pub flush_done: LuaScript,
+    /// `lua/queue_remove.lua`: drop queue entries whose deadline is unchanged.
+    pub queue_remove: LuaScript,
 }
 
 impl Scripts {
     pub fn new() -> Self {
         Self {
             add_buffer: LuaScript::new("add_buffer", include_str!("../../lua/add_buffer.lua")),
+            flush_load: LuaScript::new("flush_load", include_str!("../../lua/flush_load.lua")),
+            flush_done: LuaScript::new("flush_done", include_str!("../../lua/flush_done.lua")),
+            queue_remove: LuaScript::new(
+                "queue_remove",
+                include_str!("../../lua/queue_remove.lua"),
+            ),
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 1] {
-        [&self.add_buffer]
+    pub fn all(&self) -> [&LuaScript; 4] {
+        [
+            &self.add_buffer,
+            &self.flush_load,
+            &self.flush_done,
+            &self.queue_remove,
+        ]
     }
 }
 

@@ -92,6 +92,16 @@ impl Env {
         self.store.keys()
     }
 
+    /// A second, independent inspector (e.g. for a sink that watches Redis).
+    pub async fn new_inspect(&self) -> Inspect {
+        let (backend, urls) = if self.config.redis.cluster_urls.is_empty() {
+            (Backend::Standalone, vec![self.config.redis.url.clone()])
+        } else {
+            (Backend::Cluster, self.config.redis.cluster_urls.clone())
+        };
+        Inspect::connect(backend, urls, self.config.redis.key_prefix.clone()).await
+    }
+
     /// Decodes and ingests raw JSON lines on shard 0 at clock `now`.
     pub async fn ingest_raw(&self, lines: &[Vec<u8>], now: f64) -> IngestOutcome {
         let batch = decode_batch(

@@ -1,0 +1,104 @@
+--[[
+flush_done.lua: precise cleanup of a delivered segment (DESIGN §6 step 6).
+
+Purpose
+  After Kafka confirmed delivery, remove exactly the salts that were delivered
+  from the segment's member-keys index and subtract exactly their counts.
+  Delete the segment's keys (and the redirects of its delivered spans) only if
+  nothing else remains; a subsegment that arrived after the load keeps the
+  segment alive and is flushed later. Release the flush lock only if it still
+  holds our token. While the segment lives on, the redirects of its
+  delivered spans stay (a later child must still find the segment); they
+  expire with their TTL. Salts that another cleanup already removed (a second
+  flusher delivered the same snapshot after a lock expiry) subtract nothing.
+  The payload sets live in other slots: the caller unlinks the salts this
+  script reports as removed.
+
+KEYS
+  KEYS[1]  "<project_id>:<trace_id>" (pt); every key touched is in the {pt}
+           slot.
+
+ARGV
+  1  key prefix (P)
+  2  segment root id (or salt, for a detached segment)
+  3  flusher token
+  4  spans of the snapshot that could not be loaded (already counted as
+     dropped); subtracted from ic once, by the cleanup that removes salts
+  5  number of delivered salts S
+  6 .. 5+3S   triples: salt, span count, byte count (what its payload set held)
+  6+3S ..     span ids of the delivered spans (their redirects are deleted
+              when the segment is deleted)
+
+Returns a flat array
+  [1] 1 if the segment's keys were deleted (nothing else remained), else 0
+  [2] 1 if the lock was released, 0 if it was not ours (or locks are off)
+  [3..] salts this call removed from the index (unlink their payload sets)
+]]
+
+local pt = KEYS[1]
+local prefix = ARGV[1]
+local root = ARGV[2]
+local token = ARGV[3]
+local unloaded = tonumber(ARGV[4])
+local num_salts = tonumber(ARGV[5])
+local FIRST_SALT = 6
+local FIRST_SPAN = FIRST_SALT + 3 * num_salts
+local PAGE = 1000
+
+local tag = "{" .. pt .. "}"
+local segment_key = prefix .. ":s:" .. tag .. ":" .. root
+local function meta_key(kind) return prefix .. ":" .. kind .. ":" .. segment_key end
+local mk_key = prefix .. ":mk:" .. tag .. ":" .. root
+local ic_key = meta_key("ic")
+local ibc_key = meta_key("ibc")
+
+-- Never creates a key (it would have no TTL) and never goes below zero.
+local function subtract(key, n)
+    local value = redis.call("GET", key)
+    if value then
+        redis.call("SET", key, math.max(0, tonumber(value) - n), "KEEPTTL")
+    end
+end
+
+local removed = {}
+local spans = 0
+local bytes = 0
+for i = FIRST_SALT, FIRST_SPAN - 1, 3 do
+    if redis.call("SREM", mk_key, ARGV[i]) == 1 then
+        removed[#removed + 1] = ARGV[i]
+        spans = spans + tonumber(ARGV[i + 1])
+        bytes = bytes + tonumber(ARGV[i + 2])
+    end
+end
+if #removed > 0 then
+    spans = spans + unloaded
+end
+
+local deleted = 0
+if redis.call("EXISTS", mk_key) == 0 then
+    -- Nothing else buffered: the segment is gone, and with it the redirects
+    -- of the spans just delivered (a late child then starts a new segment).
+    redis.call("DEL", ic_key, ibc_key, meta_key("hrs"), meta_key("fs"), meta_key("cut"))
+    local ssr_key = prefix .. ":ssr:" .. tag
+    for i = FIRST_SPAN, #ARGV, PAGE do
+        redis.call("HDEL", ssr_key, unpack(ARGV, i, math.min(i + PAGE - 1, #ARGV)))
+    end
+    deleted = 1
+elseif #removed > 0 then
+    -- New data arrived after the load: keep it and its share of the counts.
+    subtract(ic_key, spans)
+    subtract(ibc_key, bytes)
+end
+
+local released = 0
+local lock_key = meta_key("fl")
+if redis.call("GET", lock_key) == token then
+    redis.call("DEL", lock_key)
+    released = 1
+end
+
+local result = { deleted, released }
+for _, salt in ipairs(removed) do
+    result[#result + 1] = salt
+end
+return result

@@ -1,0 +1,73 @@
+--[[
+flush_load.lua: lock a due segment and read its index and counters (DESIGN §6
+steps 2–3), atomically.
+
+Purpose
+  Take the segment's flush lock with the flusher's token (unless locks are
+  off), then return what the flusher needs to load it: the salts of its
+  member-keys index, the ingested span and byte counts, and the segment id its
+  spans must claim. Reading the index and the counters in one atomic step
+  gives the flusher a consistent snapshot; cleanup later removes exactly that
+  snapshot.
+
+KEYS
+  KEYS[1]  "<project_id>:<trace_id>" (pt); every key touched is in the {pt}
+           slot.
+
+ARGV
+  1  key prefix (P)
+  2  segment root id (or salt, for a detached segment)
+  3  flusher token
+  4  lock TTL in milliseconds; 0 = locks disabled
+
+Returns a flat array
+  [1] 1 if locked (or locks are off), 0 if another flusher holds the lock
+      (nothing else follows)
+  [2] ingested span count (ic), -1 when absent
+  [3] ingested byte count (ibc), -1 when absent
+  [4] segment id the spans claim: the root, or for a detached segment the
+      root it was cut from, followed through the redirect map to its current
+      root
+  [5..] salts of the member-keys index
+]]
+
+local pt = KEYS[1]
+local prefix = ARGV[1]
+local root = ARGV[2]
+local token = ARGV[3]
+local lock_ttl_ms = tonumber(ARGV[4])
+
+local tag = "{" .. pt .. "}"
+local segment_key = prefix .. ":s:" .. tag .. ":" .. root
+local function meta_key(kind) return prefix .. ":" .. kind .. ":" .. segment_key end
+
+if lock_ttl_ms > 0 then
+    local got = redis.call("SET", meta_key("fl"), token, "NX", "PX", lock_ttl_ms)
+    if not got then
+        return { 0 }
+    end
+end
+
+local ic = tonumber(redis.call("GET", meta_key("ic")) or "-1")
+local ibc = tonumber(redis.call("GET", meta_key("ibc")) or "-1")
+
+local segment_id = root
+local cut = redis.call("GET", meta_key("cut"))
+if cut then
+    -- The part was cut off from segment `cut`, which may since have been
+    -- merged under a higher root.
+    segment_id = cut
+    local ssr_key = prefix .. ":ssr:" .. tag
+    for _ = 0, 100 do
+        local next_root = redis.call("HGET", ssr_key, segment_id)
+        if not next_root or next_root == segment_id then break end
+        segment_id = next_root
+    end
+end
+
+local result = { 1, ic, ibc, segment_id }
+local salts = redis.call("SMEMBERS", prefix .. ":mk:" .. tag .. ":" .. root)
+for i = 1, #salts do
+    result[#result + 1] = salts[i]
+end
+return result

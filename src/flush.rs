@@ -1,0 +1,400 @@
+//! The flusher (DESIGN §6): due candidates → lock → load → build → deliver →
+//! precise cleanup, for the shards this process owns.
+//!
+//! One [`Flusher::flush_cycle`] handles up to `SPANBUF_MAX_FLUSH_SEGMENTS`
+//! segments in a fixed number of Redis round trips (queues; lock+snapshot;
+//! payload pages; cleanup; unlink+dequeue), whatever the number of segments.
+//! Nothing is deleted before the sink confirmed delivery, and cleanup removes
+//! exactly the snapshot that was delivered: spans that arrived after the load
+//! stay buffered. Loss is counted once, by the cleanup that removes the data.
+//! Must not talk to Redis except through [`Store`], nor encode for Kafka.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sink::{Sink, SinkError};
+use crate::span::compress::decode_member;
+use crate::span::record::{build_records, FlushedSegment, SegmentPayloads};
+use crate::store::{DeliveredSalt, DoneRequest, Keys, LoadRequest, Loaded, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("flush: redis failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("flush: delivering {records} records failed, segments stay buffered: {source}")]
+    Sink {
+        records: usize,
+        #[source]
+        source: SinkError,
+    },
+}
+
+/// The flush knobs, taken from the configuration once.
+#[derive(Debug, Clone)]
+pub struct FlushSettings {
+    pub max_flush_segments: usize,
+    /// 0 = locks disabled.
+    pub lock_ttl_ms: u64,
+    pub max_segment_bytes: usize,
+    pub page_size: usize,
+    /// Bound on one payload member's decompressed size: one subsegment is at
+    /// most one batch of maximal spans.
+    pub max_member_bytes: usize,
+}
+
+impl FlushSettings {
+    pub fn from_config(config: &Config) -> Self {
+        let batch_bytes = config.kafka.batch_max_spans as u64 * config.buffer.max_span_bytes;
+        Self {
+            max_flush_segments: config.buffer.max_flush_segments,
+            lock_ttl_ms: config.buffer.flush_lock_ttl_secs * 1000,
+            max_segment_bytes: usize::try_from(config.buffer.max_segment_bytes)
+                .unwrap_or(usize::MAX),
+            page_size: config.buffer.segment_page_size,
+            max_member_bytes: usize::try_from(batch_bytes.max(config.buffer.max_segment_bytes))
+                .unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// What one cycle did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CycleOutcome {
+    /// Due candidates read from the queues.
+    pub due: usize,
+    /// Whether some shard had more due segments than this cycle took.
+    pub more_due: bool,
+    pub contended: usize,
+    pub segments_flushed: usize,
+    pub segments_empty: usize,
+    pub records: usize,
+    pub spans_flushed: usize,
+    pub spans_duplicate: usize,
+    pub spans_dropped_expired: u64,
+    pub spans_dropped_unreadable: u64,
+    /// Redis round trips of the cycle.
+    pub round_trips: u64,
+}
+
+/// One due segment as the cycle carries it from load to cleanup.
+struct Candidate {
+    queue_key: String,
+    segment_key: String,
+    score: String,
+    pt: String,
+    project_id: u64,
+    trace_id: String,
+    root: String,
+}
+
+/// A loaded segment, ready to build.
+struct LoadedSegment {
+    candidate: usize,
+    segment_id: String,
+    ingested_spans: Option<u64>,
+    /// Sorted salts of the snapshot, with what their payload sets held.
+    salts: Vec<DeliveredSalt>,
+    payloads: Vec<Bytes>,
+    unreadable: u64,
+}
+
+/// Flushes due segments of the owned shards to a [`Sink`].
+pub struct Flusher {
+    store: Arc<Store>,
+    settings: FlushSettings,
+    metrics: Arc<Metrics>,
+    /// Unique to this flusher: the value of the locks it takes.
+    token: String,
+}
+
+impl Flusher {
+    pub fn new(store: Arc<Store>, settings: FlushSettings, metrics: Arc<Metrics>) -> Self {
+        let token = format!("{:032x}", rand::random::<u128>());
+        Self {
+            store,
+            settings,
+            metrics,
+            token,
+        }
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// One cycle over `shards` at clock `now` (epoch seconds).
+    pub async fn flush_cycle<S: Sink>(
+        &self,
+        shards: &[u32],
+        now: f64,
+        sink: &S,
+    ) -> Result<CycleOutcome, FlushError> {
+        let timer = self.metrics.flush_cycle_duration_seconds.start_timer();
+        let trips_before = self.store.round_trips();
+        let result = self.cycle(shards, now, sink).await;
+        timer.observe_duration();
+        match result {
+            Ok(mut outcome) => {
+                outcome.round_trips = self.store.round_trips() - trips_before;
+                Ok(outcome)
+            }
+            Err(err) => {
+                let stage = match err {
+                    FlushError::Store(_) => "redis",
+                    FlushError::Sink { .. } => "sink",
+                };
+                self.metrics
+                    .flush_failures_total
+                    .with_label_values(&[stage])
+                    .inc();
+                Err(err)
+            }
+        }
+    }
+
+    async fn cycle<S: Sink>(
+        &self,
+        shards: &[u32],
+        now: f64,
+        sink: &S,
+    ) -> Result<CycleOutcome, FlushError> {
+        let mut outcome = CycleOutcome::default();
+        if shards.is_empty() {
+            return Ok(outcome);
+        }
+        let per_shard = self
+            .settings
+            .max_flush_segments
+            .div_ceil(shards.len())
+            .max(1);
+        let keys = self.store.keys();
+
+        // 1. Candidates, queue gauges.
+        let snapshots = self.store.queue_snapshots(shards, now, per_shard).await?;
+        let mut candidates = Vec::new();
+        let mut seen = HashSet::new();
+        for snap in &snapshots {
+            let shard = snap.shard.to_string();
+            self.metrics
+                .queue_segments
+                .with_label_values(&[&shard])
+                .set(snap.size as i64);
+            let lag = snap.oldest_deadline.map_or(0.0, |d| (now - d).max(0.0));
+            self.metrics
+                .flush_lag_seconds
+                .with_label_values(&[&shard])
+                .set(lag);
+            outcome.due += snap.due.len();
+            outcome.more_due |= snap.due.len() >= per_shard;
+            for (segment_key, score) in &snap.due {
+                // A segment queued in two shards is taken once per cycle; its
+                // other entry turns out empty in a later cycle.
+                if !seen.insert(segment_key.clone()) {
+                    continue;
+                }
+                match keys.parse_segment(segment_key) {
+                    Some(seg) => candidates.push(Candidate {
+                        queue_key: snap.queue_key.clone(),
+                        segment_key: segment_key.clone(),
+                        score: score.clone(),
+                        pt: Keys::pt(seg.project_id, &seg.trace_id),
+                        project_id: seg.project_id,
+                        trace_id: seg.trace_id,
+                        root: seg.root,
+                    }),
+                    None => tracing::warn!(
+                        queue = %snap.queue_key,
+                        member = %segment_key,
+                        "queue member is not a segment key of this prefix; left in place"
+                    ),
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(outcome);
+        }
+
+        // 2–3. Lock and snapshot, then every payload set.
+        let requests: Vec<LoadRequest<'_>> = candidates
+            .iter()
+            .map(|c| LoadRequest {
+                pt: c.pt.clone(),
+                root: &c.root,
+            })
+            .collect();
+        let loaded = self
+            .store
+            .lock_and_load(&requests, &self.token, self.settings.lock_ttl_ms)
+            .await?;
+        let mut snapshots = Vec::new();
+        for (i, load) in loaded.into_iter().enumerate() {
+            match load {
+                Loaded::Contended => outcome.contended += 1,
+                Loaded::Snapshot {
+                    ingested_spans,
+                    segment_id,
+                    mut salts,
+                    ..
+                } => {
+                    salts.sort();
+                    snapshots.push((i, ingested_spans, segment_id, salts));
+                }
+            }
+        }
+        self.metrics
+            .flush_lock_contention_total
+            .inc_by(outcome.contended as u64);
+        let sets: Vec<(String, String)> = snapshots
+            .iter()
+            .flat_map(|(i, _, _, salts)| {
+                salts.iter().map(|s| (candidates[*i].pt.clone(), s.clone()))
+            })
+            .collect();
+        let mut contents = self
+            .store
+            .load_payload_sets(&sets, self.settings.page_size)
+            .await?
+            .into_iter();
+
+        let mut segments = Vec::with_capacity(snapshots.len());
+        for (candidate, ingested_spans, segment_id, salts) in snapshots {
+            let mut seg = LoadedSegment {
+                candidate,
+                segment_id,
+                ingested_spans,
+                salts: Vec::with_capacity(salts.len()),
+                payloads: Vec::new(),
+                unreadable: 0,
+            };
+            for salt in salts {
+                let before = seg.payloads.len();
+                for member in contents.next().flatten().unwrap_or_default() {
+                    if let Err(err) =
+                        decode_member(&member, self.settings.max_member_bytes, &mut seg.payloads)
+                    {
+                        tracing::warn!(segment = %candidates[candidate].segment_key, %salt, error = %err, "unreadable payload member");
+                        seg.unreadable += 1;
+                    }
+                }
+                let got = &seg.payloads[before..];
+                seg.salts.push(DeliveredSalt {
+                    salt,
+                    spans: got.len() as u64,
+                    bytes: got.iter().map(|p| p.len() as u64).sum(),
+                });
+            }
+            segments.push(seg);
+        }
+
+        // 4. Records.
+        let mut records: Vec<FlushedSegment> = Vec::new();
+        let mut built_segments = Vec::with_capacity(segments.len());
+        for seg in &segments {
+            let c = &candidates[seg.candidate];
+            let mut seed = c.segment_key.clone().into_bytes();
+            for salt in &seg.salts {
+                seed.push(b'\n');
+                seed.extend_from_slice(salt.salt.as_bytes());
+            }
+            let mut built = build_records(
+                &SegmentPayloads {
+                    segment_id: &seg.segment_id,
+                    project_id: c.project_id,
+                    trace_id: &c.trace_id,
+                    payloads: &seg.payloads,
+                    flush_seed: &seed,
+                },
+                self.settings.max_segment_bytes,
+            );
+            let chunks = built.records.len();
+            records.append(&mut built.records);
+            built_segments.push((built, chunks));
+        }
+
+        // 5. Deliver; on failure nothing is cleaned up, locks are released so
+        // a later cycle can retry at once.
+        if !records.is_empty() {
+            if let Err(source) = sink.deliver(&records).await {
+                let held: Vec<LoadRequest<'_>> = segments
+                    .iter()
+                    .map(|s| LoadRequest {
+                        pt: candidates[s.candidate].pt.clone(),
+                        root: &candidates[s.candidate].root,
+                    })
+                    .collect();
+                if let Err(err) = self.store.release_locks(&held, &self.token).await {
+                    tracing::warn!(error = %err, "releasing flush locks after a failed delivery; they expire by TTL");
+                }
+                return Err(FlushError::Sink {
+                    records: records.len(),
+                    source,
+                });
+            }
+        }
+
+        // 6. Precise cleanup of what was delivered.
+        let done: Vec<DoneRequest<'_>> = segments
+            .iter()
+            .zip(&built_segments)
+            .map(|(seg, (built, _))| {
+                let c = &candidates[seg.candidate];
+                let loaded = seg.payloads.len() as u64;
+                DoneRequest {
+                    pt: c.pt.clone(),
+                    root: &c.root,
+                    shard_queue: &c.queue_key,
+                    segment_key: &c.segment_key,
+                    score: &c.score,
+                    unloaded: seg.ingested_spans.map_or(0, |ic| ic.saturating_sub(loaded)),
+                    salts: seg.salts.clone(),
+                    span_ids: built.span_ids.iter().map(String::as_str).collect(),
+                }
+            })
+            .collect();
+        let replies = self.store.finish_segments(&done, &self.token).await?;
+
+        // Accounting: loss is counted by the cleanup that removed the data.
+        let mut chunked = 0u64;
+        for ((seg, (built, chunks)), (d, reply)) in segments
+            .iter()
+            .zip(&built_segments)
+            .zip(done.iter().zip(&replies))
+        {
+            chunked += u64::from(*chunks > 1);
+            outcome.spans_flushed += built.spans;
+            outcome.spans_duplicate += built.duplicates;
+            if seg.salts.is_empty() {
+                outcome.segments_empty += 1;
+            } else {
+                outcome.segments_flushed += 1;
+            }
+            let removed_here =
+                !reply.removed_salts.is_empty() || (seg.salts.is_empty() && reply.segment_deleted);
+            if removed_here {
+                outcome.spans_dropped_expired += d.unloaded;
+                outcome.spans_dropped_unreadable += seg.unreadable + built.unparseable as u64;
+            }
+        }
+        outcome.records = records.len();
+        self.metrics.segments_chunked_total.inc_by(chunked);
+        let m = &self.metrics;
+        m.records_flushed_total.inc_by(outcome.records as u64);
+        m.spans_flushed_total.inc_by(outcome.spans_flushed as u64);
+        m.spans_duplicate_total
+            .inc_by(outcome.spans_duplicate as u64);
+        m.segments_flushed_total
+            .inc_by(outcome.segments_flushed as u64);
+        m.segments_empty_total.inc_by(outcome.segments_empty as u64);
+        m.spans_dropped_total
+            .with_label_values(&["expired"])
+            .inc_by(outcome.spans_dropped_expired);
+        m.spans_dropped_total
+            .with_label_values(&["unreadable"])
+            .inc_by(outcome.spans_dropped_unreadable);
+        Ok(outcome)
+    }
+}

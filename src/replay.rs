@@ -1,0 +1,262 @@
+//! `spanbuf replay` (DESIGN §7): recorded spans through the real ingest and
+//! flush code against Redis, without Kafka.
+//!
+//! Reads NDJSON, cuts it into batches, gives each batch the clock of its
+//! minimum `received`, ingests it, flushes everything due at that clock, and at
+//! the end (unless `--no-drain`) moves the clock past every deadline and
+//! flushes the rest. Owns only the replay loop and its clock; ingest, flush
+//! and the sink are the worker's own code.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::flush::{CycleOutcome, FlushError, FlushSettings, Flusher};
+use crate::ingest::{IngestError, IngestSettings, Ingestor, ShardedSpan};
+use crate::metrics::Metrics;
+use crate::sink::{NdjsonSink, Sink, SinkError};
+use crate::span::decode_span;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("replay: cannot read input {path}: {source}")]
+    Input {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replay: cannot open output: {0}")]
+    Output(#[from] SinkError),
+    #[error("replay: {0}")]
+    Store(#[from] StoreError),
+    #[error("replay: {0}")]
+    Ingest(#[from] IngestError),
+    #[error("replay: {0}")]
+    Flush(#[from] FlushError),
+    #[error("replay: {0}")]
+    Options(String),
+}
+
+/// Command-line options of `spanbuf replay`.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// NDJSON input; `-` = stdin.
+    pub input: PathBuf,
+    /// NDJSON output; `-` = stdout.
+    pub output: PathBuf,
+    pub batch_size: usize,
+    pub shards: u32,
+    /// Flush everything left at the end of input.
+    pub drain: bool,
+}
+
+/// The summary line printed on stderr at the end of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReplaySummary {
+    pub spans_in: u64,
+    pub spans_invalid: u64,
+    pub segments_out: u64,
+    pub records_out: u64,
+    pub spans_out: u64,
+    pub spans_duplicate: u64,
+    pub spans_dropped: u64,
+}
+
+impl ReplaySummary {
+    fn add(&mut self, cycle: &CycleOutcome) {
+        self.segments_out += cycle.segments_flushed as u64;
+        self.records_out += cycle.records as u64;
+        self.spans_out += cycle.spans_flushed as u64;
+        self.spans_duplicate += cycle.spans_duplicate as u64;
+        self.spans_dropped += cycle.spans_dropped_expired + cycle.spans_dropped_unreadable;
+    }
+}
+
+/// Shard of a trace: its id as a number modulo `shards` (stable across runs
+/// and processes).
+pub fn shard_of(trace_id: &str, shards: u32) -> u32 {
+    let n = u128::from_str_radix(trace_id, 16).unwrap_or(0);
+    (n % u128::from(shards.max(1))) as u32
+}
+
+/// Runs a replay with its own store connection.
+pub async fn replay(
+    config: &Config,
+    options: &ReplayOptions,
+) -> Result<ReplaySummary, ReplayError> {
+    if options.batch_size == 0 || options.shards == 0 {
+        return Err(ReplayError::Options(
+            "--batch-size and --shards must be at least 1".into(),
+        ));
+    }
+    // Input first: a wrong path must not truncate the output or touch Redis.
+    let input: Box<dyn BufRead + Send> = if options.input.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(&options.input).map_err(|source| ReplayError::Input {
+            path: options.input.display().to_string(),
+            source,
+        })?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let store = Arc::new(Store::connect(&config.redis, config.buffer.slice_id).await?);
+    let metrics = Arc::new(Metrics::new().map_err(|e| ReplayError::Options(e.to_string()))?);
+    let sink = NdjsonSink::open(&options.output)?;
+    run(config, options, store, metrics, input, &sink).await
+}
+
+/// The replay loop over any input and sink (tests drive it directly).
+pub async fn run<S: Sink>(
+    config: &Config,
+    options: &ReplayOptions,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    input: Box<dyn BufRead + Send>,
+    sink: &S,
+) -> Result<ReplaySummary, ReplayError> {
+    let ingestor = Ingestor::new(
+        store.clone(),
+        IngestSettings::from_config(&config.redis, &config.buffer),
+        metrics.clone(),
+    );
+    let flusher = Flusher::new(store, FlushSettings::from_config(config), metrics.clone());
+    let shards: Vec<u32> = (0..options.shards).collect();
+    let max_span_bytes = usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX);
+
+    let mut summary = ReplaySummary::default();
+    let mut clock = Clock::default();
+    let mut lines = input.lines();
+    loop {
+        // One batch of non-blank lines.
+        let mut batch = Vec::with_capacity(options.batch_size);
+        let mut invalid = Vec::new();
+        let mut batch_min: Option<f64> = None;
+        let mut line_no = summary.spans_in;
+        while batch.len() + invalid.len() < options.batch_size {
+            let Some(line) = lines.next() else { break };
+            let line = line.map_err(|source| ReplayError::Input {
+                path: options.input.display().to_string(),
+                source,
+            })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            line_no += 1;
+            let line_clock = match decode_span(line.as_bytes(), max_span_bytes) {
+                Ok(span) => {
+                    let c = clock.line(span.received);
+                    let shard = shard_of(&span.trace_id, options.shards);
+                    batch.push(ShardedSpan { shard, span });
+                    c
+                }
+                Err(err) => {
+                    tracing::debug!(line = line_no, error = %err, "invalid span");
+                    invalid.push(err.reason);
+                    clock.line(None)
+                }
+            };
+            batch_min = Some(batch_min.map_or(line_clock, |m: f64| m.min(line_clock)));
+        }
+        let Some(batch_min) = batch_min else { break };
+        summary.spans_in += (batch.len() + invalid.len()) as u64;
+        summary.spans_invalid += invalid.len() as u64;
+        metrics.record_invalid(invalid);
+
+        let now = clock.batch(batch_min);
+        ingestor.ingest(&batch, now).await?;
+        flush_due(&flusher, &shards, now, sink, &mut summary).await?;
+    }
+
+    if options.drain {
+        // Every deadline is at most the last clock plus the longest timeout.
+        let longest = config
+            .buffer
+            .timeout_secs
+            .max(config.buffer.root_timeout_secs) as f64;
+        let now = clock.current() + longest + 1.0;
+        flush_due(&flusher, &shards, now, sink, &mut summary).await?;
+    }
+    Ok(summary)
+}
+
+/// Flush cycles at `now` until nothing due is left.
+async fn flush_due<S: Sink>(
+    flusher: &Flusher,
+    shards: &[u32],
+    now: f64,
+    sink: &S,
+    summary: &mut ReplaySummary,
+) -> Result<(), FlushError> {
+    loop {
+        let cycle = flusher.flush_cycle(shards, now, sink).await?;
+        summary.add(&cycle);
+        // Stop when nothing more is due, or when a full cycle made no progress
+        // (every candidate locked by someone else: their lock TTL decides).
+        let progressed = cycle.segments_flushed + cycle.segments_empty > 0;
+        if !cycle.more_due || !progressed {
+            return Ok(());
+        }
+    }
+}
+
+/// The replay clock: a line without `received` takes the clock of the line
+/// before it; a batch runs at its minimum line clock; the clock never goes
+/// backwards. Before any `received` is seen, wall time.
+#[derive(Debug, Default)]
+struct Clock {
+    last_line: Option<f64>,
+    now: Option<f64>,
+}
+
+impl Clock {
+    fn line(&mut self, received: Option<f64>) -> f64 {
+        let c = received.or(self.last_line).unwrap_or_else(wall_time);
+        self.last_line = Some(c);
+        c
+    }
+
+    fn batch(&mut self, batch_min: f64) -> f64 {
+        let now = self.now.map_or(batch_min, |prev| prev.max(batch_min));
+        self.now = Some(now);
+        now
+    }
+
+    fn current(&self) -> f64 {
+        self.now.unwrap_or_else(wall_time)
+    }
+}
+
+fn wall_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_follows_received_never_backwards() {
+        let mut c = Clock::default();
+        assert_eq!(c.line(Some(100.0)), 100.0);
+        assert_eq!(c.line(None), 100.0);
+        assert_eq!(c.line(Some(90.0)), 90.0);
+        assert_eq!(c.batch(90.0), 90.0);
+        assert_eq!(c.line(Some(80.0)), 80.0);
+        assert_eq!(c.batch(80.0), 90.0, "never backwards");
+        assert_eq!(c.batch(120.0), 120.0);
+        assert_eq!(c.current(), 120.0);
+    }
+
+    #[test]
+    fn shard_is_the_trace_id_modulo() {
+        assert_eq!(shard_of("0000000000000000000000000000000a", 4), 2);
+        assert_eq!(shard_of("ffffffffffffffffffffffffffffffff", 1), 0);
+        assert_eq!(shard_of("0000000000000000000000000000000a", 0), 0);
+    }
+}

@@ -1,0 +1,412 @@
+//! Store operations of the flush path (DESIGN §6): queue reads, lock and
+//! snapshot, paged payload loading, precise cleanup.
+//!
+//! Translates flush requests into pipelined stages and parses the replies;
+//! every stage covers all segments and shards of a cycle at once, so a cycle's
+//! round trips do not grow with the number of segments. Must not build records
+//! or decide what was delivered.
+
+use redis::Value;
+
+use super::{Op, Store, StoreError};
+
+/// What one shard's queue looks like at the start of a cycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSnapshot {
+    pub shard: u32,
+    pub queue_key: String,
+    /// Segments in the queue.
+    pub size: u64,
+    /// The earliest deadline, if any.
+    pub oldest_deadline: Option<f64>,
+    /// Due segments: `(segment key, score exactly as Redis returned it)`.
+    pub due: Vec<(String, String)>,
+}
+
+/// A segment to lock and load.
+#[derive(Debug, Clone)]
+pub struct LoadRequest<'a> {
+    pub pt: String,
+    pub root: &'a str,
+}
+
+/// The snapshot of one segment taken under its lock.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Loaded {
+    /// Another flusher holds the lock.
+    Contended,
+    Snapshot {
+        /// `ic`, if present.
+        ingested_spans: Option<u64>,
+        /// `ibc`, if present.
+        ingested_bytes: Option<u64>,
+        /// The id the spans claim.
+        segment_id: String,
+        salts: Vec<String>,
+    },
+}
+
+/// One payload set's content: `None` when the set does not exist (expired).
+pub type PayloadSet = Option<Vec<Vec<u8>>>;
+
+/// A delivered salt: what its payload set held.
+#[derive(Debug, Clone)]
+pub struct DeliveredSalt {
+    pub salt: String,
+    pub spans: u64,
+    pub bytes: u64,
+}
+
+/// Cleanup of one segment.
+#[derive(Debug, Clone)]
+pub struct DoneRequest<'a> {
+    pub pt: String,
+    pub root: &'a str,
+    pub shard_queue: &'a str,
+    pub segment_key: &'a str,
+    /// The queue score seen at the start of the cycle.
+    pub score: &'a str,
+    /// Spans of the snapshot that could not be loaded (counted as dropped).
+    pub unloaded: u64,
+    pub salts: Vec<DeliveredSalt>,
+    pub span_ids: Vec<&'a str>,
+}
+
+/// What cleanup did for one segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoneReply {
+    pub segment_deleted: bool,
+    pub lock_released: bool,
+    /// Salts removed from the index (their payload sets were unlinked).
+    pub removed_salts: Vec<String>,
+}
+
+impl Store {
+    /// Per shard: due candidates (score ≤ `now`, at most `per_shard`), the
+    /// queue size and its earliest deadline. One round trip for all shards.
+    pub async fn queue_snapshots(
+        &self,
+        shards: &[u32],
+        now: f64,
+        per_shard: usize,
+    ) -> Result<Vec<QueueSnapshot>, StoreError> {
+        let mut ops = Vec::with_capacity(shards.len() * 3);
+        for &shard in shards {
+            let queue = self.keys().queue(shard);
+            let mut due = redis::cmd("ZRANGEBYSCORE");
+            due.arg(&queue)
+                .arg("-inf")
+                .arg(format_score(now))
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(per_shard);
+            let mut size = redis::cmd("ZCARD");
+            size.arg(&queue);
+            let mut oldest = redis::cmd("ZRANGE");
+            oldest.arg(&queue).arg(0).arg(0).arg("WITHSCORES");
+            ops.push(Op::new(queue.clone(), due));
+            ops.push(Op::new(queue.clone(), size));
+            ops.push(Op::new(queue, oldest));
+        }
+        let replies = self.exec("read queues", &ops).await?;
+        let mut out = Vec::with_capacity(shards.len());
+        for (&shard, chunk) in shards.iter().zip(replies.chunks(3)) {
+            let [due, size, oldest] = chunk else {
+                return Err(bad("read queues", "short reply".into()));
+            };
+            let due_pairs = pairs(due)?;
+            let oldest_deadline = pairs(oldest)?
+                .first()
+                .map(|(_, score)| parse_f64(score))
+                .transpose()?;
+            out.push(QueueSnapshot {
+                shard,
+                queue_key: self.keys().queue(shard),
+                size: as_u64(size)
+                    .ok_or_else(|| bad("read queues", format!("ZCARD reply {size:?}")))?,
+                oldest_deadline,
+                due: due_pairs,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Locks (unless `lock_ttl_ms` is 0) and snapshots every segment, one
+    /// `flush_load` call each, in one round trip.
+    pub async fn lock_and_load(
+        &self,
+        segments: &[LoadRequest<'_>],
+        token: &str,
+        lock_ttl_ms: u64,
+    ) -> Result<Vec<Loaded>, StoreError> {
+        let ops: Vec<Op> = segments
+            .iter()
+            .map(|s| {
+                let mut call = self.scripts.flush_load.call(&s.pt);
+                call.arg(self.keys().prefix())
+                    .arg(s.root)
+                    .arg(token)
+                    .arg(lock_ttl_ms);
+                Op::new(s.pt.clone(), call)
+            })
+            .collect();
+        let replies = self.exec("lock and load segments", &ops).await?;
+        replies.into_iter().map(parse_loaded).collect()
+    }
+
+    /// Reads every payload set with `SSCAN … COUNT page_size`: one round trip
+    /// per page round, all sets of the cycle together.
+    pub async fn load_payload_sets(
+        &self,
+        sets: &[(String, String)],
+        page_size: usize,
+    ) -> Result<Vec<PayloadSet>, StoreError> {
+        let keys: Vec<String> = sets
+            .iter()
+            .map(|(pt, salt)| self.keys().payload(pt, salt))
+            .collect();
+        let mut members: Vec<Vec<Vec<u8>>> = vec![Vec::new(); keys.len()];
+        let mut open: Vec<(usize, String)> =
+            (0..keys.len()).map(|i| (i, "0".to_string())).collect();
+        while !open.is_empty() {
+            let ops: Vec<Op> = open
+                .iter()
+                .map(|(i, cursor)| {
+                    let mut scan = redis::cmd("SSCAN");
+                    scan.arg(&keys[*i]).arg(cursor).arg("COUNT").arg(page_size);
+                    Op::new(keys[*i].clone(), scan)
+                })
+                .collect();
+            let replies = self.exec("load payload sets", &ops).await?;
+            let mut next = Vec::new();
+            for ((i, _), reply) in open.into_iter().zip(replies) {
+                let Value::Array(mut parts) = reply else {
+                    return Err(bad("load payload sets", format!("SSCAN reply {reply:?}")));
+                };
+                if parts.len() != 2 {
+                    return Err(bad(
+                        "load payload sets",
+                        "SSCAN reply without two parts".into(),
+                    ));
+                }
+                let page = parts.pop().unwrap_or(Value::Nil);
+                let cursor = as_text(&parts[0])
+                    .ok_or_else(|| bad("load payload sets", "SSCAN cursor".into()))?;
+                if let Value::Array(items) = page {
+                    for item in items {
+                        if let Value::BulkString(bytes) = item {
+                            members[i].push(bytes);
+                        }
+                    }
+                }
+                if cursor != "0" {
+                    next.push((i, cursor));
+                }
+            }
+            open = next;
+        }
+        // An empty SSCAN result means the set does not exist: Redis deletes
+        // empty sets, and ingest never writes one.
+        Ok(members
+            .into_iter()
+            .map(|m| if m.is_empty() { None } else { Some(m) })
+            .collect())
+    }
+
+    /// Releases the locks this flusher holds on `segments` and touches
+    /// nothing else (`flush_done` with no salts): used when delivery failed.
+    pub async fn release_locks(
+        &self,
+        segments: &[LoadRequest<'_>],
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let ops: Vec<Op> = segments
+            .iter()
+            .map(|s| {
+                let mut call = self.scripts.flush_done.call(&s.pt);
+                call.arg(self.keys().prefix())
+                    .arg(s.root)
+                    .arg(token)
+                    .arg(0)
+                    .arg(0);
+                Op::new(s.pt.clone(), call)
+            })
+            .collect();
+        self.exec("release flush locks", &ops).await?;
+        Ok(())
+    }
+
+    /// Precise cleanup of every segment (`flush_done`, one round trip), then
+    /// the unlinking of the payload sets it removed and the conditional queue
+    /// removal (one more round trip).
+    pub async fn finish_segments(
+        &self,
+        done: &[DoneRequest<'_>],
+        token: &str,
+    ) -> Result<Vec<DoneReply>, StoreError> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops: Vec<Op> = done
+            .iter()
+            .map(|d| {
+                let mut call = self.scripts.flush_done.call(&d.pt);
+                call.arg(self.keys().prefix())
+                    .arg(d.root)
+                    .arg(token)
+                    .arg(d.unloaded)
+                    .arg(d.salts.len());
+                for salt in &d.salts {
+                    call.arg(&salt.salt).arg(salt.spans).arg(salt.bytes);
+                }
+                call.arg(&d.span_ids);
+                Op::new(d.pt.clone(), call)
+            })
+            .collect();
+        let replies: Vec<DoneReply> = self
+            .exec("clean up segments", &ops)
+            .await?
+            .into_iter()
+            .map(parse_done)
+            .collect::<Result<_, _>>()?;
+
+        let mut ops = Vec::new();
+        for (d, reply) in done.iter().zip(&replies) {
+            for salt in &reply.removed_salts {
+                let key = self.keys().payload(&d.pt, salt);
+                let mut unlink = redis::cmd("UNLINK");
+                unlink.arg(&key);
+                ops.push(Op::new(key, unlink));
+            }
+        }
+        let mut by_queue: std::collections::BTreeMap<&str, Vec<&DoneRequest<'_>>> =
+            Default::default();
+        for d in done {
+            by_queue.entry(d.shard_queue).or_default().push(d);
+        }
+        for (queue, entries) in by_queue {
+            let mut call = self.scripts.queue_remove.call(queue);
+            for d in entries {
+                call.arg(d.segment_key).arg(d.score);
+            }
+            ops.push(Op::new(queue, call));
+        }
+        self.exec("unlink payloads and dequeue", &ops).await?;
+        Ok(replies)
+    }
+}
+
+fn format_score(score: f64) -> String {
+    if score.is_infinite() {
+        if score > 0.0 { "+inf" } else { "-inf" }.to_string()
+    } else {
+        format!("{score:.3}")
+    }
+}
+
+fn bad(operation: &'static str, detail: String) -> StoreError {
+    StoreError::UnexpectedReply { operation, detail }
+}
+
+fn as_text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Double(d) => Some(d.to_string()),
+        _ => None,
+    }
+}
+
+fn as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => as_text(other)?.parse().ok(),
+    }
+}
+
+fn as_i64(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(i) => Some(*i),
+        other => as_text(other)?.parse().ok(),
+    }
+}
+
+fn parse_f64(text: &str) -> Result<f64, StoreError> {
+    text.parse()
+        .map_err(|_| bad("read queues", format!("score {text:?} is not a number")))
+}
+
+/// `[member, score, member, score, …]` (RESP2) or `[[member, score], …]` (RESP3).
+fn pairs(value: &Value) -> Result<Vec<(String, String)>, StoreError> {
+    let Value::Array(items) = value else {
+        return Err(bad(
+            "read queues",
+            format!("expected an array, got {value:?}"),
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut iter = items.iter();
+    while let Some(first) = iter.next() {
+        match first {
+            Value::Array(pair) if pair.len() == 2 => {
+                out.push((text_or(&pair[0])?, text_or(&pair[1])?));
+            }
+            member => {
+                let score = iter
+                    .next()
+                    .ok_or_else(|| bad("read queues", "member without score".into()))?;
+                out.push((text_or(member)?, text_or(score)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn text_or(value: &Value) -> Result<String, StoreError> {
+    as_text(value).ok_or_else(|| bad("read queues", format!("expected text, got {value:?}")))
+}
+
+fn parse_loaded(value: Value) -> Result<Loaded, StoreError> {
+    const OP: &str = "flush_load";
+    let Value::Array(items) = value else {
+        return Err(bad(OP, format!("expected an array, got {value:?}")));
+    };
+    match items.first().and_then(as_i64) {
+        Some(0) => return Ok(Loaded::Contended),
+        Some(1) if items.len() >= 4 => {}
+        _ => return Err(bad(OP, format!("unexpected reply {items:?}"))),
+    }
+    let count = |v: &Value| as_i64(v).and_then(|n| u64::try_from(n).ok());
+    let segment_id = as_text(&items[3]).ok_or_else(|| bad(OP, "segment id is not text".into()))?;
+    let salts = items[4..]
+        .iter()
+        .map(|v| as_text(v).ok_or_else(|| bad(OP, "salt is not text".into())))
+        .collect::<Result<_, _>>()?;
+    Ok(Loaded::Snapshot {
+        ingested_spans: count(&items[1]),
+        ingested_bytes: count(&items[2]),
+        segment_id,
+        salts,
+    })
+}
+
+fn parse_done(value: Value) -> Result<DoneReply, StoreError> {
+    const OP: &str = "flush_done";
+    let Value::Array(items) = value else {
+        return Err(bad(OP, format!("expected an array, got {value:?}")));
+    };
+    if items.len() < 2 {
+        return Err(bad(OP, format!("short reply {items:?}")));
+    }
+    let flag = |v: &Value| as_i64(v) == Some(1);
+    Ok(DoneReply {
+        segment_deleted: flag(&items[0]),
+        lock_released: flag(&items[1]),
+        removed_salts: items[2..]
+            .iter()
+            .map(|v| as_text(v).ok_or_else(|| bad(OP, "salt is not text".into())))
+            .collect::<Result<_, _>>()?,
+    })
+}
