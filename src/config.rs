@@ -1059,7 +1059,8 @@ impl Config {
         );
         c.require(
             var::LOG_LEVEL,
-            !self.log.level.trim().is_empty(),
+            !self.log.level.trim().is_empty()
+                && tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
             &self.log.level,
         );
 

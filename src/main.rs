@@ -73,9 +73,9 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; the summary line is the last line of stderr.
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    // Config::validate already parsed this directive; a failure here is a bug.
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -83,10 +83,11 @@ fn init_logging(config: &Config) {
         spanbuf::config::LogFormat::Json => builder.json().init(),
         spanbuf::config::LogFormat::Text => builder.init(),
     }
+    Ok(())
 }
 
 async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
-    init_logging(&config);
+    init_logging(&config)?;
     let options = ReplayOptions {
         input: args.input,
         output: args.output,

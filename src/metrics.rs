@@ -219,17 +219,10 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();
-        // Encoding into a Vec cannot fail for the text format except on
-        // invalid metric families, which the registry rejects at register.
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
-            return String::new();
-        }
-        String::from_utf8_lossy(&buf).into_owned()
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 }
 
@@ -240,7 +233,7 @@ mod tests {
     #[test]
     fn names_follow_conventions_and_reasons_start_at_zero() {
         let m = Metrics::new().expect("metrics register");
-        let text = m.render();
+        let text = m.render().expect("render");
         for family in m.registry().gather() {
             let name = family.name();
             assert!(name.starts_with("spanbuf_"), "{name}");
@@ -262,7 +255,7 @@ mod tests {
             InvalidReason::BadId,
             InvalidReason::TooLarge,
         ]);
-        let text = m.render();
+        let text = m.render().expect("render");
         assert!(text.contains("spanbuf_spans_invalid_total{reason=\"bad_id\"} 2"));
         assert!(text.contains("spanbuf_spans_invalid_total{reason=\"too_large\"} 1"));
     }

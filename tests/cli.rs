@@ -72,6 +72,7 @@ fn bad_configuration_exits_2_naming_every_bad_variable() {
             ("SPANBUF_OUTPUT_CODEC", "xml"),
             ("SPANBUF_ROOT_TIMOUT_SECS", "5"),
             ("SPANBUF_REDIS_URL", "http://user:hunter2@host"),
+            ("SPANBUF_LOG_LEVEL", "spanbuf=loud"),
         ],
     );
     assert_eq!(out.status.code(), Some(2));
@@ -83,6 +84,7 @@ fn bad_configuration_exits_2_naming_every_bad_variable() {
         "SPANBUF_OUTPUT_CODEC=\"xml\"",
         "SPANBUF_ROOT_TIMOUT_SECS",
         "SPANBUF_REDIS_URL",
+        "SPANBUF_LOG_LEVEL=\"spanbuf=loud\"",
     ] {
         assert!(stderr.contains(var), "{var} not named in: {stderr}");
     }
@@ -94,7 +96,7 @@ fn bad_configuration_exits_2_naming_every_bad_variable() {
     // One line per problem after the heading.
     assert_eq!(
         stderr.lines().filter(|l| l.contains("SPANBUF_")).count(),
-        5,
+        6,
         "{stderr}"
     );
 }
