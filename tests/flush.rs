@@ -54,6 +54,8 @@ both!(
     two_flushers_one_segment,
     lock_expires_mid_flush,
     random_workloads_match_the_reference_model,
+    flush_round_trips_do_not_grow,
+    lifetime_cap_end_to_end,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries.
@@ -679,4 +681,73 @@ async fn random_workloads_match_the_reference_model(backend: Backend) {
         assert_eq!((summary.spans_dropped, summary.spans_duplicate), (0, 0));
         assert_drained(&mut env).await;
     }
+}
+
+/// A cycle costs the same round trips for 1 segment as for 300: queues,
+/// lock+snapshot, payload page, cleanup, unlink+dequeue.
+async fn flush_round_trips_do_not_grow(backend: Backend) {
+    let env = Env::start(backend, |_| {}).await;
+    let flusher = Flusher::new(
+        env.store.clone(),
+        FlushSettings::from_config(&env.config),
+        env.metrics.clone(),
+    );
+    let sink = Collect::default();
+    let mut trips = Vec::new();
+    for (round, traces) in [1u64, 300].into_iter().enumerate() {
+        let mut spans = Vec::new();
+        for tr in 0..traces {
+            let t = trace(100_000 * (round as u64 + 1) + tr);
+            spans.push(TestSpan::new(&t, &id(1), None));
+            spans.push(TestSpan::new(&t, &id(2), Some(&id(1))));
+        }
+        env.ingest(&spans, T0).await;
+        let out = flusher
+            .flush_cycle(&[0], T0 + 100.0, &sink)
+            .await
+            .expect("cycle");
+        assert_eq!(out.segments_flushed as u64, traces);
+        trips.push(out.round_trips);
+    }
+    assert_eq!(trips, vec![5, 5], "round trips for 1 and 300 segments");
+    assert_eq!(index(&sink.take()).len(), 2 + 600);
+}
+
+/// A segment that never goes quiet is flushed at first-seen + the lifetime
+/// cap; what arrives later is flushed as another record of the same segment.
+async fn lifetime_cap_end_to_end(backend: Backend) {
+    let mut env = Env::start(backend, |c| {
+        c.buffer.max_segment_lifetime_secs = 100;
+        c.buffer.timeout_secs = 60;
+        c.buffer.root_timeout_secs = 10;
+    })
+    .await;
+    let t = trace(12);
+    let root = id(1);
+    let mut lines = vec![line(&TestSpan::new(&t, &root, None), T0)];
+    // A child every 5 s for 150 s keeps resetting the 10 s inactivity timer.
+    for n in 1..=30u64 {
+        lines.push(line(
+            &TestSpan::new(&t, &id(1 + n), Some(&root)),
+            T0 + 5.0 * n as f64,
+        ));
+    }
+    let sink = Collect::default();
+    let summary = run_replay(&env, &lines, 1, false, &sink).await;
+    let records = sink.take();
+    assert_eq!(
+        records.len(),
+        1,
+        "flushed once by the cap, nothing else due: {records:?}"
+    );
+    let first = index(&records);
+    // Spans up to the cap (T0 + 100) were in it.
+    assert!(
+        first.len() >= 20 && first.len() <= 21,
+        "{} spans",
+        first.len()
+    );
+    assert!(first.values().all(|(seg, _, _)| *seg == root));
+    assert_eq!(summary.spans_out as usize, first.len());
+    env.assert_layout().await;
 }

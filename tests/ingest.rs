@@ -47,6 +47,7 @@ both!(
     invalid_spans_are_counted,
     round_trips_do_not_grow,
     shards_and_slices,
+    scripts_reload_after_script_flush,
 );
 
 /// Asserts one segment `root` holding exactly `spans` for `pt`, its counters,
@@ -607,5 +608,22 @@ async fn shards_and_slices(backend: Backend) {
         env.inspect.queue(&queue_key).await,
         BTreeMap::from([(seg, NOW + 10.0)])
     );
+    env.assert_layout().await;
+}
+
+async fn scripts_reload_after_script_flush(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(60);
+    let (a, b) = (id(0xa), id(0xb));
+    env.ingest(&[TestSpan::new(&t, &a, None)], NOW).await;
+    env.inspect.flush_scripts().await;
+    // EVALSHA gets NOSCRIPT; the store reloads the scripts and retries only
+    // the calls that failed, so nothing is counted twice.
+    let out = env
+        .ingest(&[TestSpan::new(&t, &b, Some(&a))], NOW + 1.0)
+        .await;
+    assert_eq!(out.spans, 1);
+    let pt = spanbuf::store::Keys::pt(1, &t);
+    assert_single_segment(&mut env, &pt, &a, &[&a, &b], true, NOW + 11.0).await;
     env.assert_layout().await;
 }

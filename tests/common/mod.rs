@@ -314,6 +314,17 @@ impl Inspect {
         keys
     }
 
+    /// `SCRIPT FLUSH` on every node, as a restart or failover would.
+    pub async fn flush_scripts(&mut self) {
+        for node in &mut self.nodes {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(node)
+                .await
+                .expect("script flush");
+        }
+    }
+
     pub async fn get(&mut self, key: &str) -> Option<String> {
         self.query(redis::cmd("GET").arg(key)).await
     }
