@@ -31,6 +31,7 @@
 
 pub mod config;
 pub mod flush;
+pub mod gen;
 pub mod ingest;
 pub mod metrics;
 pub mod replay;

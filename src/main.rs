@@ -32,6 +32,50 @@ enum Command {
     /// Replay recorded spans (NDJSON) through ingest and flush against Redis,
     /// without Kafka; FlushedSegment records go out as NDJSON.
     Replay(ReplayArgs),
+    /// Write a deterministic synthetic workload of spans as NDJSON.
+    Gen(GenArgs),
+}
+
+#[derive(Args)]
+struct GenArgs {
+    /// Output file; `-` for stdout.
+    #[arg(long, default_value = "-")]
+    output: PathBuf,
+    /// Seed: the same seed and options give the same bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 1000)]
+    traces: usize,
+    /// Segments per trace (the first is the trace root, the others inner roots marked is_segment).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    segments_per_trace: u64,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    spans_per_segment: u64,
+    /// Levels of a segment's tree (root = 1).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    depth: u64,
+    /// Approximate bytes of one span's JSON.
+    #[arg(long, default_value_t = 900)]
+    payload_bytes: usize,
+    /// Arrival is shuffled within windows of this many lines.
+    #[arg(long, default_value_t = 1000)]
+    shuffle_window: usize,
+    /// Fraction (0..1) of spans that arrive --late-after-secs after the rest.
+    #[arg(long, default_value_t = 0.0)]
+    late_fraction: f64,
+    #[arg(long, default_value_t = 120.0)]
+    late_after_secs: f64,
+    /// Fraction (0..1) of extra invalid lines.
+    #[arg(long, default_value_t = 0.0)]
+    invalid_fraction: f64,
+    #[arg(long, default_value_t = 10)]
+    projects: u64,
+    /// `received` of the first line, epoch seconds.
+    #[arg(long, default_value_t = 1_700_000_000.0)]
+    start: f64,
+    /// Lines per second of `received` time.
+    #[arg(long, default_value_t = 50_000.0)]
+    rate: f64,
 }
 
 #[derive(Args)]
@@ -69,6 +113,13 @@ fn main() -> ExitCode {
         }
         Command::Check => run_async(check(config)),
         Command::Replay(args) => run_async(replay(config, args)),
+        Command::Gen(args) => match gen(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("spanbuf: {err:#}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 
@@ -97,6 +148,58 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
     };
     let summary: ReplaySummary = spanbuf::replay::replay(&config, &options).await?;
     eprintln!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn gen(args: GenArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    for (name, value) in [
+        ("--late-fraction", args.late_fraction),
+        ("--invalid-fraction", args.invalid_fraction),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&value),
+            "{name} must be between 0 and 1, got {value}"
+        );
+    }
+    anyhow::ensure!(
+        args.rate > 0.0,
+        "--rate must be positive, got {}",
+        args.rate
+    );
+    let spec = spanbuf::gen::GenSpec {
+        seed: args.seed,
+        traces: args.traces,
+        segments_per_trace: usize::try_from(args.segments_per_trace)?,
+        spans_per_segment: usize::try_from(args.spans_per_segment)?,
+        depth: usize::try_from(args.depth)?,
+        payload_bytes: args.payload_bytes,
+        shuffle_window: args.shuffle_window,
+        late_fraction: args.late_fraction,
+        late_after_secs: args.late_after_secs,
+        invalid_fraction: args.invalid_fraction,
+        projects: args.projects,
+        start: args.start,
+        rate: args.rate,
+    };
+    let mut out: Box<dyn Write> = if args.output.as_os_str() == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+    } else {
+        let file = std::fs::File::create(&args.output)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.output.display()))?;
+        Box::new(std::io::BufWriter::new(file))
+    };
+    let mut written: std::io::Result<()> = Ok(());
+    let summary = spanbuf::gen::generate(&spec, |line| {
+        if written.is_ok() {
+            written = out.write_all(line).and_then(|()| out.write_all(b"\n"));
+        }
+    });
+    written.and_then(|()| out.flush())?;
+    eprintln!(
+        "{{\"lines\":{},\"spans\":{},\"segments\":{},\"invalid\":{},\"late\":{}}}",
+        summary.lines, summary.spans, summary.segments, summary.invalid, summary.late
+    );
     Ok(())
 }
 
