@@ -1,8 +1,8 @@
 //! End-to-end ingest throughput against a real, freshly started Redis.
 //!
-//! `cargo bench --bench ingest_throughput` generates a synthetic workload
-//! (default 100k spans: 5000 traces × 20 spans of ~900 bytes, arrival shuffled
-//! within a 1000-span window), ingests it in 500-span batches one after the
+//! `cargo bench --bench ingest_throughput` generates a synthetic workload with
+//! `spanbuf::gen` (default 100k spans: 5000 traces × 20 spans of ~900 bytes,
+//! arrival shuffled within a 1000-span window), ingests it in 500-span batches one after the
 //! other (as one consumer does), and prints spans/s, batches/s and Redis round
 //! trips per batch (under `cargo test` it is a 5k-span smoke run). Environment knobs: `BENCH_SPANS`, `BENCH_BATCH`,
 //! `BENCH_CLUSTER=1` (a local 3-master cluster instead of one server), and any
@@ -14,76 +14,14 @@ mod support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-
 use spanbuf::config::Config;
+use spanbuf::gen::{generate, GenSpec};
 use spanbuf::ingest::{decode_batch, IngestSettings, Ingestor};
 use spanbuf::metrics::Metrics;
 use spanbuf::store::Store;
 
-const SPANS_PER_TRACE: usize = 20;
-const SHUFFLE_WINDOW: usize = 1000;
-
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Spans as JSON lines: each trace is a root with a two-level tree under it.
-fn workload(total: usize, seed: u64) -> Vec<Vec<u8>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let traces = total.div_ceil(SPANS_PER_TRACE);
-    let mut lines = Vec::with_capacity(total);
-    for t in 0..traces {
-        let trace_id = format!("{:032x}", rng.random::<u128>() ^ t as u128);
-        let ids: Vec<String> = (0..SPANS_PER_TRACE)
-            .map(|_| format!("{:016x}", rng.random::<u64>()))
-            .collect();
-        for (i, span_id) in ids.iter().enumerate() {
-            if lines.len() == total {
-                break;
-            }
-            let parent = match i {
-                0 => serde_json::Value::Null,
-                1..=4 => ids[0].clone().into(),
-                _ => ids[1 + i % 4].clone().into(),
-            };
-            let span = serde_json::json!({
-                "trace_id": trace_id,
-                "span_id": span_id,
-                "parent_span_id": parent,
-                "project_id": 1 + (t % 10),
-                "organization_id": 1,
-                "is_segment": i == 0,
-                "start_timestamp": 1_700_000_000.0 + i as f64,
-                "end_timestamp": 1_700_000_000.5 + i as f64,
-                "received": 1_700_000_000.0 + (t * SPANS_PER_TRACE + i) as f64 / 10_000.0,
-                "op": "db.query",
-                "description": format!("SELECT * FROM table_{i} WHERE id = %s AND tenant = %s ORDER BY created DESC LIMIT 100 -- trace {t}"),
-                "status": "ok",
-                "attributes": {
-                    "sentry.environment": {"type": "string", "value": "production"},
-                    "sentry.release": {"type": "string", "value": "backend@24.11.0+abcdef0123456789"},
-                    "sentry.platform": {"type": "string", "value": "python"},
-                    "sentry.sdk.name": {"type": "string", "value": "sentry.python.django"},
-                    "sentry.sdk.version": {"type": "string", "value": "2.18.0"},
-                    "db.system": {"type": "string", "value": "postgresql"},
-                    "server.address": {"type": "string", "value": "db-replica-3.internal.example.com"},
-                    "thread.name": {"type": "string", "value": "uwsgi-worker-7"},
-                    "http.route": {"type": "string", "value": "/api/0/organizations/{org}/events/"},
-                },
-            });
-            lines.push(serde_json::to_vec(&span).expect("json"));
-        }
-    }
-    for window in lines.chunks_mut(SHUFFLE_WINDOW) {
-        window.shuffle(&mut rng);
-    }
-    lines
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn main() {
@@ -107,7 +45,16 @@ fn main() {
         _standalone = Some(s);
     }
 
-    let lines = workload(total, 42);
+    // 20-span traces of ~900-byte spans, shuffled within 1000-line windows.
+    let spec = GenSpec {
+        seed: 42,
+        traces: total.div_ceil(20),
+        spans_per_segment: 20,
+        ..GenSpec::default()
+    };
+    let mut lines = Vec::with_capacity(total);
+    generate(&spec, |line| lines.push(line.to_vec()));
+    lines.truncate(total);
     let avg = lines.iter().map(Vec::len).sum::<usize>() / lines.len().max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
