@@ -19,6 +19,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use serde_json::Value;
 
+use common::both;
 use common::*;
 use spanbuf::flush::{FlushSettings, Flusher};
 use spanbuf::replay::{self, ReplayOptions, ReplaySummary};
@@ -26,22 +27,6 @@ use spanbuf::sink::{Sink, SinkError};
 use spanbuf::span::FlushedSegment;
 
 const T0: f64 = 1_700_000_000.0;
-
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn standalone() {
-                super::$name(Backend::Standalone).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn cluster() {
-                super::$name(Backend::Cluster).await
-            }
-        }
-    )*};
-}
 
 both!(
     replay_end_to_end,
@@ -417,9 +402,7 @@ async fn payload_deleted_behind_the_flusher_is_counted(backend: Backend) {
         1
     );
     // The lost span was never delivered, so its redirect stays until its TTL.
-    env.assert_layout().await;
-    let left = env.inspect.all_keys().await;
-    assert!(left.iter().all(|k| k.contains(":ssr:")), "{left:?}");
+    env.assert_only_redirects_left().await;
 }
 
 async fn late_span_after_flush(backend: Backend) {
@@ -615,9 +598,7 @@ async fn lock_expires_mid_flush(backend: Backend) {
     );
     // Redirects of a and b were kept while c was still buffered (a later
     // child of theirs must find the segment); they expire with their TTL.
-    env.assert_layout().await;
-    let left = env.inspect.all_keys().await;
-    assert!(left.iter().all(|k| k.contains(":ssr:")), "{left:?}");
+    env.assert_only_redirects_left().await;
 }
 
 /// Random forests, random arrival order, batch sizes and shards: every span

@@ -10,27 +10,11 @@ use std::collections::BTreeMap;
 
 use futures::stream::{self, StreamExt};
 
+use common::both;
 use common::*;
 use spanbuf::span::InvalidReason;
 
 const NOW: f64 = 1_700_000_000.0;
-
-/// Runs one scenario on standalone Redis and on the cluster.
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn standalone() {
-                super::$name(Backend::Standalone).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn cluster() {
-                super::$name(Backend::Cluster).await
-            }
-        }
-    )*};
-}
 
 both!(
     tree_every_order_one_batch,

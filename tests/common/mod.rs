@@ -5,6 +5,25 @@
 //! Each test binary compiles this module separately and uses a subset of it.
 #![allow(dead_code)]
 
+/// Runs each named scenario `async fn name(Backend)` as two tests: on
+/// standalone Redis and on the local cluster.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn standalone() {
+                super::$name(Backend::Standalone).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                super::$name(Backend::Cluster).await
+            }
+        }
+    )*};
+}
+pub(crate) use both;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -132,6 +151,14 @@ impl Env {
             .ingest(&batch, now)
             .await
             .expect("ingest succeeds")
+    }
+
+    /// Only redirect maps are left (with their TTL): what a segment leaves
+    /// behind when spans it knew of were not delivered with it.
+    pub async fn assert_only_redirects_left(&mut self) {
+        self.assert_layout().await;
+        let left = self.inspect.all_keys().await;
+        assert!(left.iter().all(|k| k.contains(":ssr:")), "{left:?}");
     }
 
     /// Every key under the prefix has a TTL within (0, TTL] and the type
