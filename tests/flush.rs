@@ -41,6 +41,10 @@ both!(
     random_workloads_match_the_reference_model,
     flush_round_trips_do_not_grow,
     lifetime_cap_end_to_end,
+    chains_and_known_segment_ids_end_to_end,
+    held_lock_detach_end_to_end,
+    flush_of_a_merged_large_index,
+    queue_gauges,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries.
@@ -502,6 +506,8 @@ async fn two_flushers_one_segment(backend: Backend) {
     let records = sink.take();
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(index(&records).len(), 2);
+    // The other shard's entry was stale: cleaned up without a record.
+    assert_eq!(env.metrics.segments_empty_total.get(), 1);
     assert_drained(&mut env).await;
 }
 
@@ -731,4 +737,196 @@ async fn lifetime_cap_end_to_end(backend: Backend) {
     assert!(first.values().all(|(seg, _, _)| *seg == root));
     assert_eq!(summary.spans_out as usize, first.len());
     env.assert_layout().await;
+}
+
+/// Every arrival order of a 5-deep chain, and spans that know their segment
+/// id upstream, through replay: one record per trace under the root.
+async fn chains_and_known_segment_ids_end_to_end(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let ids: Vec<String> = (1..=5).map(id).collect();
+    let mut lines = Vec::new();
+    for (n, order) in permutations(5).into_iter().enumerate() {
+        let t = trace(5000 + n as u64);
+        for (step, &i) in order.iter().enumerate() {
+            let parent = (i > 0).then(|| ids[i - 1].clone());
+            let mut span = TestSpan::new(&t, &ids[i], parent.as_deref());
+            if n % 2 == 1 && i > 1 {
+                // Odd traces: the deeper spans were told their segment upstream.
+                span = span.known_segment(&ids[0]);
+            }
+            lines.push(line(&span, T0 + n as f64 * 0.01 + step as f64 * 0.001));
+        }
+    }
+    let sink = Collect::default();
+    let summary = run_replay(&env, &lines, 13, true, &sink).await;
+    let records = sink.take();
+    assert_eq!(records.len(), 120);
+    for r in &records {
+        assert_eq!(r.segment_id, ids[0]);
+        assert_eq!(r.spans.len(), 5, "trace {}", r.trace_id);
+    }
+    assert_eq!((summary.spans_out, summary.segments_out), (600, 120));
+    assert_drained(&mut env).await;
+}
+
+/// A subsegment that arrives while its segment is being flushed is cut off,
+/// flushed as its own record, and still claims the segment's id.
+async fn held_lock_detach_end_to_end(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(13);
+    let (a, b, c) = (id(1), id(2), id(3));
+    env.ingest(
+        &[TestSpan::new(&t, &a, None), TestSpan::new(&t, &b, Some(&a))],
+        T0,
+    )
+    .await;
+    // Another flusher holds the lock while c arrives.
+    let seg = env.keys().segment(&spanbuf::store::Keys::pt(1, &t), &a);
+    let lock = env.keys().flush_lock(&seg);
+    let _: () = env
+        .inspect
+        .query(
+            redis::cmd("SET")
+                .arg(&lock)
+                .arg("other-flusher")
+                .arg("EX")
+                .arg(30),
+        )
+        .await;
+    let out = env
+        .ingest(&[TestSpan::new(&t, &c, Some(&b))], T0 + 1.0)
+        .await;
+    assert_eq!(out.detached_locked, 1);
+    let flusher = Flusher::new(
+        env.store.clone(),
+        FlushSettings::from_config(&env.config),
+        env.metrics.clone(),
+    );
+    let sink = Collect::default();
+    let first = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("cycle");
+    assert_eq!(
+        (first.contended, first.segments_flushed),
+        (1, 1),
+        "{first:?}"
+    );
+    // The other flusher is gone; its lock expires (here: is deleted).
+    let _: i64 = env.inspect.query(redis::cmd("DEL").arg(&lock)).await;
+    flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("cycle");
+    let records = sink.take();
+    assert_eq!(records.len(), 2);
+    let spans = index(&records);
+    assert_eq!(spans.len(), 3);
+    assert!(
+        spans.values().all(|(seg_id, _, _)| *seg_id == a),
+        "{spans:?}"
+    );
+    assert!(
+        spans[&a].1 && !spans[&c].1,
+        "only the root is the segment span"
+    );
+    assert_drained(&mut env).await;
+}
+
+/// 9000 children indexed under a segment that is then merged into its parent
+/// (paged merge in Lua), flushed in one record with every span.
+async fn flush_of_a_merged_large_index(backend: Backend) {
+    const CHILDREN: u64 = 9000;
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(14);
+    let (root, parent) = (id(0xa), id(0xb));
+    futures::stream::StreamExt::for_each_concurrent(futures::stream::iter(0..CHILDREN), 32, |n| {
+        let span = TestSpan::new(&t, &id(0x1000 + n), Some(&parent));
+        let env = &env;
+        async move {
+            env.ingest(&[span], T0).await;
+        }
+    })
+    .await;
+    env.ingest(
+        &[
+            TestSpan::new(&t, &parent, Some(&root)),
+            TestSpan::new(&t, &root, None),
+        ],
+        T0 + 1.0,
+    )
+    .await;
+    let flusher = Flusher::new(
+        env.store.clone(),
+        FlushSettings::from_config(&env.config),
+        env.metrics.clone(),
+    );
+    let sink = Collect::default();
+    let out = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("cycle");
+    assert_eq!(
+        (out.segments_flushed, out.spans_flushed),
+        (1, CHILDREN as usize + 2)
+    );
+    let records = sink.take();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].segment_id, root);
+    assert_eq!(index(&records).len(), CHILDREN as usize + 2);
+    assert_drained(&mut env).await;
+}
+
+/// `spanbuf_queue_segments{shard}` and `spanbuf_flush_lag_seconds{shard}`.
+async fn queue_gauges(backend: Backend) {
+    let env = Env::start(backend, |_| {}).await;
+    for n in 0..3u64 {
+        env.ingest_on(
+            2,
+            &[TestSpan::new(&trace(n + 1), &id(1), Some(&id(9)))],
+            T0 + n as f64,
+        )
+        .await;
+    }
+    let flusher = Flusher::new(
+        env.store.clone(),
+        FlushSettings::from_config(&env.config),
+        env.metrics.clone(),
+    );
+    let sink = Collect::default();
+    // Deadlines are T0+60, T0+61, T0+62: at T0+30 nothing is due.
+    flusher
+        .flush_cycle(&[2], T0 + 30.0, &sink)
+        .await
+        .expect("cycle");
+    let gauge = |name: &str| match name {
+        "queue" => env.metrics.queue_segments.with_label_values(&["2"]).get() as f64,
+        _ => env
+            .metrics
+            .flush_lag_seconds
+            .with_label_values(&["2"])
+            .get(),
+    };
+    assert_eq!((gauge("queue"), gauge("lag")), (3.0, 0.0));
+    // With max 1 segment per cycle at T0+65, the oldest overdue one is 5 s late.
+    let settings = FlushSettings {
+        max_flush_segments: 1,
+        ..FlushSettings::from_config(&env.config)
+    };
+    let one = Flusher::new(env.store.clone(), settings, env.metrics.clone());
+    let out = one
+        .flush_cycle(&[2], T0 + 65.0, &sink)
+        .await
+        .expect("cycle");
+    assert!(out.more_due);
+    assert_eq!((gauge("queue"), gauge("lag")), (3.0, 5.0));
+    one.flush_cycle(&[2], T0 + 65.0, &sink)
+        .await
+        .expect("cycle");
+    assert_eq!((gauge("queue"), gauge("lag")), (2.0, 4.0));
+    let text = env.metrics.render().expect("render");
+    assert!(
+        text.contains("spanbuf_queue_segments{shard=\"2\"} 2"),
+        "{text}"
+    );
 }
