@@ -290,11 +290,7 @@ async fn failing_sink_keeps_everything(backend: Backend) {
         TestSpan::new(&t, &id(2), Some(&id(1))),
     ];
     env.ingest(&spans, T0).await;
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let keys_before = env.inspect.all_keys().await;
     let sink = Collect::failing(2);
     for _ in 0..2 {
@@ -387,24 +383,14 @@ async fn payload_deleted_behind_the_flusher_is_counted(backend: Backend) {
     let victim = victim.expect("the one-span payload set");
     let _: i64 = env.inspect.query(redis::cmd("DEL").arg(&victim)).await;
 
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let sink = Collect::default();
     let out = flusher
         .flush_cycle(&[0], T0 + 100.0, &sink)
         .await
         .expect("cycle");
     assert_eq!((out.spans_flushed, out.spans_dropped_expired), (2, 1));
-    assert_eq!(
-        env.metrics
-            .spans_dropped_total
-            .with_label_values(&["expired"])
-            .get(),
-        1
-    );
+    assert_eq!(env.dropped("expired"), 1);
     // The lost span was never delivered, so its redirect stays until its TTL.
     env.assert_only_redirects_left().await;
 }
@@ -483,16 +469,8 @@ async fn two_flushers_one_segment(backend: Backend) {
         .await;
     env.ingest_on(1, &[TestSpan::new(&t, &id(2), Some(&id(1)))], T0)
         .await;
-    let a = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
-    let b = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let a = env.flusher();
+    let b = env.flusher();
     let sink = Collect::default();
     let (ra, rb) = tokio::join!(
         a.flush_cycle(&[0], T0 + 100.0, &sink),
@@ -570,11 +548,7 @@ async fn lock_expires_mid_flush(backend: Backend) {
         late: TestSpan::new(&t, &c, Some(&b)),
         fired: Default::default(),
     };
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let first = flusher
         .flush_cycle(&[0], T0 + 100.0, &sink)
         .await
@@ -595,13 +569,7 @@ async fn lock_expires_mid_flush(backend: Backend) {
         vec![a.clone(), b.clone(), c.clone()]
     );
     assert!(spans.values().all(|(seg_id, _, _)| *seg_id == a));
-    assert_eq!(
-        env.metrics
-            .spans_dropped_total
-            .with_label_values(&["expired"])
-            .get(),
-        0
-    );
+    assert_eq!(env.dropped("expired"), 0);
     // Redirects of a and b were kept while c was still buffered (a later
     // child of theirs must find the segment); they expire with their TTL.
     env.assert_only_redirects_left().await;
@@ -674,11 +642,7 @@ async fn random_workloads_match_the_reference_model(backend: Backend) {
 /// lock+snapshot, payload page, cleanup, unlink+dequeue.
 async fn flush_round_trips_do_not_grow(backend: Backend) {
     let env = Env::start(backend, |_| {}).await;
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let sink = Collect::default();
     let mut trips = Vec::new();
     for (round, traces) in [1u64, 300].into_iter().enumerate() {
@@ -782,26 +746,12 @@ async fn held_lock_detach_end_to_end(backend: Backend) {
     .await;
     // Another flusher holds the lock while c arrives.
     let seg = env.keys().segment(&spanbuf::store::Keys::pt(1, &t), &a);
-    let lock = env.keys().flush_lock(&seg);
-    let _: () = env
-        .inspect
-        .query(
-            redis::cmd("SET")
-                .arg(&lock)
-                .arg("other-flusher")
-                .arg("EX")
-                .arg(30),
-        )
-        .await;
+    let lock = env.hold_lock(&seg, "other-flusher").await;
     let out = env
         .ingest(&[TestSpan::new(&t, &c, Some(&b))], T0 + 1.0)
         .await;
     assert_eq!(out.detached_locked, 1);
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let sink = Collect::default();
     let first = flusher
         .flush_cycle(&[0], T0 + 100.0, &sink)
@@ -856,11 +806,7 @@ async fn flush_of_a_merged_large_index(backend: Backend) {
         T0 + 1.0,
     )
     .await;
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let sink = Collect::default();
     let out = flusher
         .flush_cycle(&[0], T0 + 100.0, &sink)
@@ -888,11 +834,7 @@ async fn queue_gauges(backend: Backend) {
         )
         .await;
     }
-    let flusher = Flusher::new(
-        env.store.clone(),
-        FlushSettings::from_config(&env.config),
-        env.metrics.clone(),
-    );
+    let flusher = env.flusher();
     let sink = Collect::default();
     // Deadlines are T0+60, T0+61, T0+62: at T0+30 nothing is due.
     flusher

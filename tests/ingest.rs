@@ -364,17 +364,7 @@ async fn detach_on_held_lock(backend: Backend) {
             .await;
         let pt = root.pt();
         let seg = env.keys().segment(&pt, &a);
-        let lock = env.keys().flush_lock(&seg);
-        let _: () = env
-            .inspect
-            .query(
-                redis::cmd("SET")
-                    .arg(&lock)
-                    .arg("flusher-1")
-                    .arg("EX")
-                    .arg(30),
-            )
-            .await;
+        env.hold_lock(&seg, "flusher-1").await;
         let out = env
             .ingest(&[TestSpan::new(&t, &c, Some(&b))], NOW + 1.0)
             .await;

@@ -111,6 +111,33 @@ impl Env {
         self.store.keys()
     }
 
+    /// A flusher on this env's store and metrics (its own lock token).
+    pub fn flusher(&self) -> spanbuf::flush::Flusher {
+        spanbuf::flush::Flusher::new(
+            self.store.clone(),
+            spanbuf::flush::FlushSettings::from_config(&self.config),
+            self.metrics.clone(),
+        )
+    }
+
+    /// `spanbuf_spans_dropped_total{reason}`.
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.metrics
+            .spans_dropped_total
+            .with_label_values(&[reason])
+            .get()
+    }
+
+    /// Takes the flush lock of `segment_key` as another flusher would.
+    pub async fn hold_lock(&mut self, segment_key: &str, owner: &str) -> String {
+        let lock = self.keys().flush_lock(segment_key);
+        let _: () = self
+            .inspect
+            .query(redis::cmd("SET").arg(&lock).arg(owner).arg("EX").arg(30))
+            .await;
+        lock
+    }
+
     /// A second, independent inspector (e.g. for a sink that watches Redis).
     pub async fn new_inspect(&self) -> Inspect {
         let (backend, urls) = if self.config.redis.cluster_urls.is_empty() {
