@@ -55,6 +55,26 @@ pub struct Metrics {
     pub flush_lag_seconds: GaugeVec,
     /// Time of one flush cycle (read queues, lock, load, build, deliver, clean up).
     pub flush_cycle_duration_seconds: Histogram,
+    /// Seconds since a loop last completed a cycle, by loop (consume, flush).
+    pub loop_stall_seconds: GaugeVec,
+    /// 1 while consumption is paused, by reason (flush_lag = soft, redis_memory = hard, redis_down).
+    pub backpressure_active: IntGaugeVec,
+    /// Times consumption was paused, by reason.
+    pub backpressure_pauses_total: IntCounterVec,
+    /// Records produced to the output topic and acknowledged by the broker.
+    pub records_produced_total: IntCounter,
+    /// Bytes of records acknowledged by the broker.
+    pub produced_bytes_total: IntCounter,
+    /// Records the broker refused or that timed out, by kind (delivery, encode, too_large).
+    pub produce_errors_total: IntCounterVec,
+    /// Invalid spans forwarded to the dead-letter topic.
+    pub dlq_records_total: IntCounter,
+    /// Kafka input messages consumed (valid or not).
+    pub messages_consumed_total: IntCounter,
+    /// Offset commits, by outcome (ok, error).
+    pub offset_commits_total: IntCounterVec,
+    /// Partitions currently assigned to this process.
+    pub assigned_partitions: prometheus::IntGauge,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +161,9 @@ fn histogram(
     )
 }
 
+/// The closed `reason` set of `spanbuf_backpressure_active`.
+pub const BACKPRESSURE_REASONS: [&str; 3] = ["flush_lag", "redis_memory", "redis_down"];
+
 /// The closed `reason` set of `spanbuf_spans_dropped_total`.
 pub const DROP_REASONS: [&str; 2] = ["expired", "unreadable"];
 
@@ -175,6 +198,16 @@ impl Metrics {
             queue_segments: int_gauge_vec(&r, "spanbuf_queue_segments", "Segments in the flush queue of a shard.", "shard")?,
             flush_lag_seconds: gauge_vec(&r, "spanbuf_flush_lag_seconds", "Now minus the oldest due deadline of a shard's queue; 0 when nothing is overdue.", "shard")?,
             flush_cycle_duration_seconds: histogram(&r, "spanbuf_flush_cycle_duration_seconds", "Time of one flush cycle (read queues, lock, load, build, deliver, clean up).", latency_buckets())?,
+            loop_stall_seconds: gauge_vec(&r, "spanbuf_loop_stall_seconds", "Seconds since a loop last completed a cycle, by loop (consume, flush).", "loop")?,
+            backpressure_active: int_gauge_vec(&r, "spanbuf_backpressure_active", "1 while consumption is paused, by reason (flush_lag = soft, redis_memory = hard, redis_down).", "reason")?,
+            backpressure_pauses_total: counter_vec(&r, "spanbuf_backpressure_pauses_total", "Times consumption was paused, by reason.", "reason")?,
+            records_produced_total: counter(&r, "spanbuf_records_produced_total", "Records produced to the output topic and acknowledged by the broker.")?,
+            produced_bytes_total: counter(&r, "spanbuf_produced_bytes_total", "Bytes of records acknowledged by the broker.")?,
+            produce_errors_total: counter_vec(&r, "spanbuf_produce_errors_total", "Records the broker refused or that timed out, by kind (delivery, encode, too_large).", "kind")?,
+            dlq_records_total: counter(&r, "spanbuf_dlq_records_total", "Invalid spans forwarded to the dead-letter topic.")?,
+            messages_consumed_total: counter(&r, "spanbuf_messages_consumed_total", "Kafka input messages consumed (valid or not).")?,
+            offset_commits_total: counter_vec(&r, "spanbuf_offset_commits_total", "Offset commits, by outcome (ok, error).", "outcome")?,
+            assigned_partitions: register(&r, "spanbuf_assigned_partitions", prometheus::IntGauge::new("spanbuf_assigned_partitions", "Partitions currently assigned to this process."))?,
             registry: r,
         };
         // Closed label sets are exported from the start, at zero, so alerts
@@ -193,6 +226,16 @@ impl Metrics {
         }
         for stage in ["redis", "sink"] {
             m.flush_failures_total.with_label_values(&[stage]);
+        }
+        for reason in BACKPRESSURE_REASONS {
+            m.backpressure_active.with_label_values(&[reason]);
+            m.backpressure_pauses_total.with_label_values(&[reason]);
+        }
+        for kind in ["delivery", "encode", "too_large"] {
+            m.produce_errors_total.with_label_values(&[kind]);
+        }
+        for outcome in ["ok", "error"] {
+            m.offset_commits_total.with_label_values(&[outcome]);
         }
         Ok(m)
     }
