@@ -69,6 +69,11 @@ mod var {
     pub const OUTPUT_CODEC: &str = "SPANBUF_OUTPUT_CODEC";
     pub const SLICE_ID: &str = "SPANBUF_SLICE_ID";
     pub const SEGMENT_PAGE_SIZE: &str = "SPANBUF_SEGMENT_PAGE_SIZE";
+    pub const FLUSH_INTERVAL_MS: &str = "SPANBUF_FLUSH_INTERVAL_MS";
+    pub const MAX_FLUSH_LAG_SECS: &str = "SPANBUF_MAX_FLUSH_LAG_SECS";
+    pub const MAX_REDIS_MEMORY_PERCENT: &str = "SPANBUF_MAX_REDIS_MEMORY_PERCENT";
+    pub const MAX_LOOP_STALL_SECS: &str = "SPANBUF_MAX_LOOP_STALL_SECS";
+    pub const SHUTDOWN_TIMEOUT_SECS: &str = "SPANBUF_SHUTDOWN_TIMEOUT_SECS";
     pub const HTTP_ADDR: &str = "SPANBUF_HTTP_ADDR";
     pub const LOG_FORMAT: &str = "SPANBUF_LOG_FORMAT";
     pub const LOG_LEVEL: &str = "SPANBUF_LOG_LEVEL";
@@ -219,6 +224,31 @@ pub const VARIABLES: &[VarDoc] = &[
         meaning: "SSCAN COUNT when loading a segment's payload sets (1 to 100000)",
     },
     VarDoc {
+        name: var::FLUSH_INTERVAL_MS,
+        default: "500",
+        meaning: "pause between flush cycles when nothing more is due, in milliseconds (10 to 60000)",
+    },
+    VarDoc {
+        name: var::MAX_FLUSH_LAG_SECS,
+        default: "30",
+        meaning: "soft backpressure: consumption pauses while the flush lag of an owned shard exceeds this many seconds; 0 disables",
+    },
+    VarDoc {
+        name: var::MAX_REDIS_MEMORY_PERCENT,
+        default: "90",
+        meaning: "hard backpressure: consumption pauses while Redis used_memory exceeds this percentage of maxmemory (flushing goes on); 0 disables",
+    },
+    VarDoc {
+        name: var::MAX_LOOP_STALL_SECS,
+        default: "60",
+        meaning: "/health fails when the consume or flush loop has not completed a cycle for this many seconds",
+    },
+    VarDoc {
+        name: var::SHUTDOWN_TIMEOUT_SECS,
+        default: "30",
+        meaning: "on SIGTERM, the longest wait for the batch in hand, the flush cycle and the producer before exiting",
+    },
+    VarDoc {
         name: var::HTTP_ADDR,
         default: "0.0.0.0:9102",
         meaning: "listen address of /metrics, /health and /ready",
@@ -276,6 +306,11 @@ fn expected(name: &str) -> &'static str {
         var::OUTPUT_CODEC => "expected json or msgpack",
         var::SLICE_ID => "expected a whole number from 0 to 4294967295, or empty for none",
         var::SEGMENT_PAGE_SIZE => "expected a whole number from 1 to 100000 (e.g. 100)",
+        var::FLUSH_INTERVAL_MS => "expected a whole number of milliseconds from 10 to 60000 (e.g. 500)",
+        var::MAX_FLUSH_LAG_SECS => "expected a whole number of seconds, 0 to disable (e.g. 30)",
+        var::MAX_REDIS_MEMORY_PERCENT => "expected a whole number from 0 (disabled) to 100 (e.g. 90)",
+        var::MAX_LOOP_STALL_SECS => "expected a whole number of seconds from 1 to 86400 (e.g. 60)",
+        var::SHUTDOWN_TIMEOUT_SECS => "expected a whole number of seconds from 1 to 3600 (e.g. 30)",
         var::HTTP_ADDR => "expected an ip:port socket address (e.g. 0.0.0.0:9102 or [::]:9102)",
         var::LOG_FORMAT => "expected text or json",
         var::LOG_LEVEL => {
@@ -293,8 +328,43 @@ pub struct Config {
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
     pub buffer: BufferConfig,
+    pub worker: WorkerConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+}
+
+/// How the `spanbuf run` worker paces, protects and stops itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// `SPANBUF_FLUSH_INTERVAL_MS`: pause between flush cycles when nothing more is
+    /// due, milliseconds, 10..=60000; 500 by default.
+    pub flush_interval_ms: u64,
+    /// `SPANBUF_MAX_FLUSH_LAG_SECS`: soft backpressure threshold, seconds; consumption
+    /// pauses while an owned shard's flush lag exceeds it; 0 disables; 30 by default.
+    pub max_flush_lag_secs: u64,
+    /// `SPANBUF_MAX_REDIS_MEMORY_PERCENT`: hard backpressure threshold, percent of
+    /// Redis `maxmemory` (every node in a cluster); consumption pauses above it while
+    /// flushing continues, so it clears by itself; 0 disables (also when Redis has no
+    /// `maxmemory`); 90 by default.
+    pub max_redis_memory_percent: u8,
+    /// `SPANBUF_MAX_LOOP_STALL_SECS`: `/health` fails when a loop has not completed a
+    /// cycle for this long, seconds, 1..=86400; 60 by default.
+    pub max_loop_stall_secs: u64,
+    /// `SPANBUF_SHUTDOWN_TIMEOUT_SECS`: the longest graceful drain on SIGTERM,
+    /// seconds, 1..=3600; 30 by default.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 500,
+            max_flush_lag_secs: 30,
+            max_redis_memory_percent: 90,
+            max_loop_stall_secs: 60,
+            shutdown_timeout_secs: 30,
+        }
+    }
 }
 
 /// Where the buffer lives. `Debug` redacts URL passwords.
@@ -927,6 +997,11 @@ impl Config {
                 }
             }
             var::SEGMENT_PAGE_SIZE => b.segment_page_size = num(value)?,
+            var::FLUSH_INTERVAL_MS => self.worker.flush_interval_ms = num(value)?,
+            var::MAX_FLUSH_LAG_SECS => self.worker.max_flush_lag_secs = num(value)?,
+            var::MAX_REDIS_MEMORY_PERCENT => self.worker.max_redis_memory_percent = num(value)?,
+            var::MAX_LOOP_STALL_SECS => self.worker.max_loop_stall_secs = num(value)?,
+            var::SHUTDOWN_TIMEOUT_SECS => self.worker.shutdown_timeout_secs = num(value)?,
             var::HTTP_ADDR => self.http.addr = num(value)?,
             var::LOG_FORMAT => {
                 self.log.format = match value.to_ascii_lowercase().as_str() {
@@ -1057,6 +1132,27 @@ impl Config {
             (1..=100_000).contains(&b.segment_page_size),
             b.segment_page_size,
         );
+        let w = &self.worker;
+        c.require(
+            var::FLUSH_INTERVAL_MS,
+            (10..=60_000).contains(&w.flush_interval_ms),
+            w.flush_interval_ms,
+        );
+        c.require(
+            var::MAX_REDIS_MEMORY_PERCENT,
+            w.max_redis_memory_percent <= 100,
+            w.max_redis_memory_percent,
+        );
+        c.require(
+            var::MAX_LOOP_STALL_SECS,
+            (1..=86_400).contains(&w.max_loop_stall_secs),
+            w.max_loop_stall_secs,
+        );
+        c.require(
+            var::SHUTDOWN_TIMEOUT_SECS,
+            (1..=3_600).contains(&w.shutdown_timeout_secs),
+            w.shutdown_timeout_secs,
+        );
         c.require(
             var::LOG_LEVEL,
             !self.log.level.trim().is_empty()
@@ -1166,6 +1262,26 @@ impl Config {
                 b.slice_id.map(|id| id.to_string()).unwrap_or_default(),
             ),
             (var::SEGMENT_PAGE_SIZE, b.segment_page_size.to_string()),
+            (
+                var::FLUSH_INTERVAL_MS,
+                self.worker.flush_interval_ms.to_string(),
+            ),
+            (
+                var::MAX_FLUSH_LAG_SECS,
+                self.worker.max_flush_lag_secs.to_string(),
+            ),
+            (
+                var::MAX_REDIS_MEMORY_PERCENT,
+                self.worker.max_redis_memory_percent.to_string(),
+            ),
+            (
+                var::MAX_LOOP_STALL_SECS,
+                self.worker.max_loop_stall_secs.to_string(),
+            ),
+            (
+                var::SHUTDOWN_TIMEOUT_SECS,
+                self.worker.shutdown_timeout_secs.to_string(),
+            ),
             (var::HTTP_ADDR, self.http.addr.to_string()),
             (var::LOG_FORMAT, self.log.format.as_str().to_owned()),
             (var::LOG_LEVEL, self.log.level.clone()),
