@@ -78,6 +78,9 @@ pub struct CycleOutcome {
     pub spans_dropped_unreadable: u64,
     /// Redis round trips of the cycle.
     pub round_trips: u64,
+    /// The largest flush lag over the shards (now minus the oldest overdue
+    /// deadline; 0 when nothing is overdue): the soft backpressure signal.
+    pub max_lag_secs: f64,
 }
 
 /// One due segment as the cycle carries it from load to cleanup.

@@ -21,6 +21,11 @@
 //! - [`store`]: the only code that talks to Redis: key layout (Sentry
 //!   compatible), Lua scripts, pipelined stages over standalone or cluster.
 //! - [`metrics`]: every exported metric, declared once.
+//! - [`kafka`]: the producer that delivers records (a [`sink::Sink`]) and
+//!   dead-letter messages, awaiting every acknowledgement; the input consumer.
+//! - [`http`]: `/metrics`, `/health` (loops progressing) and `/ready`
+//!   (consuming), from a [`http::Health`] state the loops push into; no
+//!   Redis or Kafka I/O of its own.
 //!
 //! # Ownership and guarantees
 //! Ingest writes a batch in a fixed number of round trips and returns only
@@ -29,12 +34,16 @@
 //! Re-ingesting a batch is idempotent: payload sets are keyed by a hash of
 //! their span ids and the insert script does not count a salt twice.
 
+pub mod audit;
 pub mod config;
 pub mod flush;
 pub mod gen;
+pub mod http;
 pub mod ingest;
+pub mod kafka;
 pub mod metrics;
 pub mod replay;
 pub mod sink;
 pub mod span;
 pub mod store;
+pub mod worker;

@@ -27,13 +27,43 @@ struct Cli {
 enum Command {
     /// Print the effective configuration (passwords redacted) and exit.
     Config,
+    /// Run the worker: consume spans from Kafka, buffer them in Redis, flush
+    /// segments to the output topic. SIGTERM/SIGINT drain gracefully; a second
+    /// signal exits at once.
+    Run,
     /// Check that Redis is reachable and the Lua scripts load, then exit.
     Check,
     /// Replay recorded spans (NDJSON) through ingest and flush against Redis,
     /// without Kafka; FlushedSegment records go out as NDJSON.
     Replay(ReplayArgs),
-    /// Write a deterministic synthetic workload of spans as NDJSON.
+    /// Write a deterministic synthetic workload of spans as NDJSON, or produce
+    /// it to a Kafka topic (key = trace id).
     Gen(GenArgs),
+    /// Compare input spans with delivered records: spans missing, delivered
+    /// twice with different flush ids, or under the wrong segment. Prints a
+    /// JSON report; exits 1 when it is not clean.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// The input spans, NDJSON (invalid lines are skipped).
+    #[arg(long)]
+    spans: PathBuf,
+    /// Delivered records, NDJSON (JSON codec), e.g. from `spanbuf replay`.
+    #[arg(
+        long,
+        conflicts_with = "records_topic",
+        required_unless_present = "records_topic"
+    )]
+    records: Option<PathBuf>,
+    /// Read the records from this Kafka topic instead (from the beginning;
+    /// brokers from SPANBUF_KAFKA_BROKERS; codec from SPANBUF_OUTPUT_CODEC).
+    #[arg(long)]
+    records_topic: Option<String>,
+    /// With --records-topic: stop after this many seconds without a new record.
+    #[arg(long, default_value_t = 5)]
+    idle_secs: u64,
 }
 
 #[derive(Args)]
@@ -76,6 +106,10 @@ struct GenArgs {
     /// Lines per second of `received` time.
     #[arg(long, default_value_t = 50_000.0)]
     rate: f64,
+    /// Produce to this Kafka topic (SPANBUF_KAFKA_BROKERS) instead of writing
+    /// a file; with --output too, both.
+    #[arg(long)]
+    kafka_topic: Option<String>,
 }
 
 #[derive(Args)]
@@ -111,9 +145,18 @@ fn main() -> ExitCode {
             print!("{}", config.render());
             ExitCode::SUCCESS
         }
+        Command::Run => run_async(run_worker(config)),
         Command::Check => run_async(check(config)),
         Command::Replay(args) => run_async(replay(config, args)),
-        Command::Gen(args) => match gen(args) {
+        Command::Audit(args) => match audit(&config, args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(err) => {
+                eprintln!("spanbuf: {err:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Gen(args) => match gen(&config, args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("spanbuf: {err:#}");
@@ -137,6 +180,37 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_worker(config: Config) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    spanbuf::worker::run(config, shutdown).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful drain. Second: exit at once.
+async fn watch_signals(shutdown: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::error!("cannot install the SIGTERM handler; stop with SIGINT");
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        if round == 0 {
+            tracing::info!("signal received: draining (a second signal exits at once)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+}
+
 async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
     init_logging(&config)?;
     let options = ReplayOptions {
@@ -151,7 +225,50 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn gen(args: GenArgs) -> anyhow::Result<()> {
+fn audit(config: &Config, args: AuditArgs) -> anyhow::Result<bool> {
+    use std::io::BufRead;
+    let max = usize::try_from(config.buffer.max_span_bytes)?;
+    let file = std::fs::File::open(&args.spans)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.spans.display()))?;
+    let mut spans = Vec::new();
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        if let Ok(span) = spanbuf::span::decode_span(&line?, max) {
+            spans.push(span);
+        }
+    }
+    let decode = |bytes: &[u8]| match config.buffer.output_codec {
+        spanbuf::config::OutputCodec::Json => spanbuf::span::record::from_json(bytes),
+        spanbuf::config::OutputCodec::Msgpack => spanbuf::span::record::from_msgpack(bytes),
+    };
+    let mut records = Vec::new();
+    if let Some(path) = &args.records {
+        let text = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            records.push(spanbuf::span::record::from_json(line)?);
+        }
+    } else if let Some(topic) = &args.records_topic {
+        let want = spans.len();
+        let mut seen = 0usize;
+        let payloads = spanbuf::kafka::tools::read_topic(
+            config,
+            topic,
+            std::time::Duration::from_secs(args.idle_secs),
+            |payload| {
+                seen += decode(payload).map_or(0, |r| r.spans.len());
+                seen >= want
+            },
+        )?;
+        for payload in payloads {
+            records.push(decode(&payload)?);
+        }
+    }
+    let report = spanbuf::audit::audit(&spans, &records);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(report.is_clean())
+}
+
+fn gen(config: &Config, args: GenArgs) -> anyhow::Result<()> {
     use std::io::Write;
     for (name, value) in [
         ("--late-fraction", args.late_fraction),
@@ -182,20 +299,47 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
         start: args.start,
         rate: args.rate,
     };
-    let mut out: Box<dyn Write> = if args.output.as_os_str() == "-" {
+    let mut kafka = match &args.kafka_topic {
+        Some(topic) => Some(spanbuf::kafka::tools::LineProducer::new(config, topic)?),
+        None => None,
+    };
+    let to_file = kafka.is_none() || args.output.as_os_str() != "-";
+    let mut out: Box<dyn Write> = if !to_file {
+        Box::new(std::io::sink())
+    } else if args.output.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
     } else {
         let file = std::fs::File::create(&args.output)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.output.display()))?;
         Box::new(std::io::BufWriter::new(file))
     };
-    let mut written: std::io::Result<()> = Ok(());
+    let mut written: anyhow::Result<()> = Ok(());
+    let max = usize::try_from(config.buffer.max_span_bytes)?;
     let summary = spanbuf::gen::generate(&spec, |line| {
-        if written.is_ok() {
-            written = out.write_all(line).and_then(|()| out.write_all(b"\n"));
+        if written.is_err() {
+            return;
+        }
+        if to_file {
+            written = out
+                .write_all(line)
+                .and_then(|()| out.write_all(b"\n"))
+                .map_err(Into::into);
+        }
+        if let (Some(producer), Ok(())) = (kafka.as_mut(), &written) {
+            // Keyed by trace id, as Relay partitions ingest-spans.
+            let key = spanbuf::span::decode_span(line, max)
+                .ok()
+                .map(|s| s.trace_id);
+            written = producer
+                .send(key.as_ref().map(String::as_bytes), line)
+                .map_err(Into::into);
         }
     });
-    written.and_then(|()| out.flush())?;
+    written?;
+    out.flush()?;
+    if let Some(producer) = kafka {
+        producer.finish(std::time::Duration::from_secs(120))?;
+    }
     eprintln!(
         "{{\"lines\":{},\"spans\":{},\"segments\":{},\"invalid\":{},\"late\":{}}}",
         summary.lines, summary.spans, summary.segments, summary.invalid, summary.late

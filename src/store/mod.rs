@@ -203,6 +203,31 @@ impl Store {
         }
     }
 
+    /// Memory use of every primary as `(used_memory, maxmemory)` from `INFO
+    /// memory`; `maxmemory` 0 means no limit.
+    pub async fn memory(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let reply = self.exec_unrouted("info memory", info).await?;
+        let texts: Vec<String> = match reply {
+            Value::Map(nodes) => nodes
+                .into_iter()
+                .filter_map(|(_, v)| value_text(v))
+                .collect(),
+            other => value_text(other).into_iter().collect(),
+        };
+        if texts.is_empty() {
+            return Err(StoreError::UnexpectedReply {
+                operation: "info memory",
+                detail: "no INFO text in the reply".into(),
+            });
+        }
+        Ok(texts
+            .iter()
+            .map(|t| (info_field(t, "used_memory"), info_field(t, "maxmemory")))
+            .collect())
+    }
+
     /// `SCRIPT LOAD` of every script; checks the returned SHA matches ours.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         for script in self.scripts.all() {
@@ -421,6 +446,23 @@ impl Store {
         }
         Ok(replies)
     }
+}
+
+fn value_text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+/// A numeric field of `INFO` text (`name:value` lines); 0 when absent.
+fn info_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn is_noscript(value: &Value) -> bool {

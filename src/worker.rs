@@ -1,0 +1,584 @@
+//! `spanbuf run`: the Kafka consumer-group worker.
+//!
+//! Three loops under one cancellation token:
+//! - **consume**: batches from the input topic → decode (invalid spans counted
+//!   and sent to the dead-letter topic) → ingest into Redis → commit offsets,
+//!   in that order, only for partitions still held. Backpressure pauses the
+//!   assigned partitions (never a sleep in the poll loop): soft when the
+//!   flusher is behind, hard when Redis memory is near its limit, and while
+//!   Redis is unreachable (retried with capped backoff, nothing committed).
+//! - **flush**: cycles over the shards held now at the worker clock (the
+//!   minimum Kafka timestamp of the latest batch, carried forward in wall
+//!   time), delivering to the output topic and awaiting the broker.
+//! - **http**: `/metrics`, `/health`, `/ready`.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop consuming, finish the batch in hand into
+//! Redis, commit what Redis acknowledged, let the flusher finish its cycle,
+//! flush the producer, exit 0; a second signal exits at once. A loop that
+//! ends with an error stops the others and the process exits non-zero.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::CommitMode;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::flush::{FlushSettings, Flusher};
+use crate::http::{self, Health};
+use crate::ingest::{IngestSettings, Ingestor, ShardedSpan};
+use crate::kafka::consumer::{Consumed, InputConsumer};
+use crate::kafka::producer::KafkaSink;
+use crate::kafka::KafkaError;
+use crate::metrics::Metrics;
+use crate::span::{decode_span, InvalidSpan};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("worker: {0}")]
+    Store(#[from] StoreError),
+    #[error("worker: http endpoint failed: {0}")]
+    Http(#[from] http::HttpError),
+    #[error("worker: cannot register metrics: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("worker: a loop task failed to run: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("worker: shutdown took longer than {0:?}; exiting with work in hand")]
+    ShutdownTimeout(Duration),
+}
+
+/// Backoff for Redis and dead-letter retries: 100 ms doubling to 5 s.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the hard backpressure check reads Redis memory.
+const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// The worker clock: the latest batch's minimum Kafka timestamp, carried
+/// forward in wall time (so a backlog does not flush early, and an idle
+/// worker still moves on).
+#[derive(Debug, Default)]
+pub struct WorkerClock {
+    /// Batch timestamp minus wall time at that batch, milliseconds.
+    drift_ms: AtomicI64,
+}
+
+impl WorkerClock {
+    pub fn now(&self) -> f64 {
+        (wall_ms() + self.drift_ms.load(Ordering::Relaxed)) as f64 / 1000.0
+    }
+
+    fn observe_batch(&self, min_timestamp_ms: i64) {
+        self.drift_ms
+            .store(min_timestamp_ms - wall_ms(), Ordering::Relaxed);
+    }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// State shared by the loops.
+struct Shared {
+    config: Config,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    store: Arc<Store>,
+    sink: Arc<KafkaSink>,
+    clock: WorkerClock,
+    /// Largest flush lag of the last cycle, milliseconds (soft backpressure).
+    flush_lag_ms: AtomicU64,
+}
+
+/// Runs the worker until `shutdown` is cancelled (or a loop fails).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let health = Health::new(Duration::from_secs(config.worker.max_loop_stall_secs));
+
+    let listener = tokio::net::TcpListener::bind(config.http.addr)
+        .await
+        .map_err(|source| http::HttpError::Bind {
+            addr: config.http.addr,
+            source,
+        })?;
+    tracing::info!(addr = %listener.local_addr().map_or(config.http.addr, |a| a), "serving /metrics, /health, /ready");
+    let http_task = tokio::spawn(http::serve_listener(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+
+    let store = Arc::new(connect_store(&config, &health, &shutdown).await?);
+    let sink = Arc::new(KafkaSink::new(&config, metrics.clone())?);
+    let mut topics = vec![
+        config.kafka.input_topic.as_str(),
+        config.kafka.output_topic.as_str(),
+    ];
+    if let Some(dlq) = &config.kafka.dlq_topic {
+        topics.push(dlq);
+    }
+    sink.check_topics(&topics, Duration::from_secs(10)).await?;
+    health.set_kafka_ok(true);
+
+    let consumer = Arc::new(InputConsumer::new(&config)?);
+    let shared = Arc::new(Shared {
+        config,
+        metrics,
+        health: health.clone(),
+        store,
+        sink,
+        clock: WorkerClock::default(),
+        flush_lag_ms: AtomicU64::new(0),
+    });
+
+    // Each loop stops the others when it ends, so a failure is never silent.
+    let consume_stop = CancellationToken::new();
+    let flush_stop = CancellationToken::new();
+    health.register_loop("consume");
+    health.register_loop("flush");
+    let consume_task = tokio::spawn(consume_loop(
+        shared.clone(),
+        consumer.clone(),
+        consume_stop.clone(),
+    ));
+    let flush_task = tokio::spawn(flush_loop(
+        shared.clone(),
+        consumer.clone(),
+        flush_stop.clone(),
+    ));
+
+    // Order of the drain: consume first (the batch in hand reaches Redis and
+    // is committed), then the flusher finishes its cycle, then the producer.
+    let consume_watch = consume_task;
+    tokio::pin!(consume_watch);
+    let mut flush_watch = flush_task;
+    let result: Result<(), WorkerError> = tokio::select! {
+        () = shutdown.cancelled() => {
+            let timeout = Duration::from_secs(shared.config.worker.shutdown_timeout_secs);
+            drain(consume_stop, &mut consume_watch, flush_stop, &mut flush_watch, timeout).await
+        }
+        ended = &mut consume_watch => {
+            flush_stop.cancel();
+            let flushed = flush_watch.await;
+            ended?.and(flushed?)
+        }
+        ended = &mut flush_watch => {
+            consume_stop.cancel();
+            let consumed = consume_watch.await;
+            ended?.and(consumed?)
+        }
+    };
+    health.unregister_loop("consume");
+    health.unregister_loop("flush");
+    shutdown.cancel();
+    if let Err(err) = shared.sink.flush(Duration::from_secs(10)).await {
+        tracing::warn!(error = %err, "flushing the producer at exit");
+    }
+    match http_task.await {
+        Ok(Err(err)) => tracing::warn!(error = %err, "http endpoint"),
+        Err(err) => tracing::warn!(error = %err, "http task"),
+        Ok(Ok(())) => {}
+    }
+    result
+}
+
+async fn drain(
+    consume_stop: CancellationToken,
+    consume: &mut (impl std::future::Future<Output = Result<Result<(), WorkerError>, tokio::task::JoinError>>
+              + Unpin),
+    flush_stop: CancellationToken,
+    flush: &mut tokio::task::JoinHandle<Result<(), WorkerError>>,
+    timeout: Duration,
+) -> Result<(), WorkerError> {
+    tracing::info!("shutting down: finishing the batch in hand, then the flush cycle");
+    let work = async {
+        consume_stop.cancel();
+        let consumed = consume.await;
+        flush_stop.cancel();
+        let flushed = flush.await;
+        consumed?.and(flushed?)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(WorkerError::ShutdownTimeout(timeout)),
+    }
+}
+
+/// Connects to Redis, retrying transient failures with backoff until
+/// `shutdown`; a non-transient failure (e.g. scripts refused) is fatal.
+async fn connect_store(
+    config: &Config,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<Store, WorkerError> {
+    let mut backoff = BACKOFF_START;
+    loop {
+        match Store::connect(&config.redis, config.buffer.slice_id).await {
+            Ok(store) => {
+                health.set_redis_ok(true);
+                return Ok(store);
+            }
+            Err(err) if err.is_transient() && !shutdown.is_cancelled() => {
+                health.set_redis_ok(false);
+                tracing::warn!(error = %err, retry_in = ?backoff, "redis not reachable at start; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(err.into()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Why consumption is paused, if it is.
+fn pause_reason(shared: &Shared, memory_ratio: Option<f64>) -> Option<&'static str> {
+    let w = &shared.config.worker;
+    let lag_secs = shared.flush_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+    if w.max_flush_lag_secs > 0 && lag_secs > w.max_flush_lag_secs as f64 {
+        return Some("flush_lag");
+    }
+    if let Some(ratio) = memory_ratio {
+        if w.max_redis_memory_percent > 0 && ratio * 100.0 > f64::from(w.max_redis_memory_percent) {
+            return Some("redis_memory");
+        }
+    }
+    None
+}
+
+/// Highest used/maxmemory over the nodes that have a limit.
+async fn memory_ratio(store: &Store) -> Result<Option<f64>, StoreError> {
+    let nodes = store.memory().await?;
+    Ok(nodes
+        .iter()
+        .filter(|(_, max)| *max > 0)
+        .map(|(used, max)| *used as f64 / *max as f64)
+        .reduce(f64::max))
+}
+
+/// Health owns the `spanbuf_backpressure_active` gauge (exported per scrape).
+fn set_backpressure(shared: &Shared, reason: &'static str, active: bool) {
+    shared.health.set_backpressure(reason, active);
+}
+
+async fn consume_loop(
+    shared: Arc<Shared>,
+    consumer: Arc<InputConsumer>,
+    stop: CancellationToken,
+) -> Result<(), WorkerError> {
+    let ingestor = Ingestor::new(
+        shared.store.clone(),
+        IngestSettings::from_config(&shared.config.redis, &shared.config.buffer),
+        shared.metrics.clone(),
+    );
+    let max_span_bytes = usize::try_from(shared.config.buffer.max_span_bytes).unwrap_or(usize::MAX);
+    let batch_max = shared.config.kafka.batch_max_spans;
+    let batch_wait = Duration::from_millis(shared.config.kafka.batch_max_ms);
+    let mut carried: Vec<Consumed> = Vec::new();
+    let mut paused_for: Option<&'static str> = None;
+    let mut memory: Option<f64> = None;
+    let mut memory_checked = Instant::now() - MEMORY_CHECK_EVERY;
+
+    while !stop.is_cancelled() {
+        shared.health.progress("consume");
+        shared
+            .health
+            .set_assigned_partitions(consumer.assignment().partitions());
+
+        // Backpressure: pause, keep serving the group, resume when it clears.
+        if memory_checked.elapsed() >= MEMORY_CHECK_EVERY {
+            memory_checked = Instant::now();
+            match memory_ratio(&shared.store).await {
+                Ok(ratio) => memory = ratio,
+                Err(err) => tracing::warn!(error = %err, "reading redis memory"),
+            }
+        }
+        let reason = pause_reason(&shared, memory);
+        if reason != paused_for {
+            if let Some(old) = paused_for {
+                set_backpressure(&shared, old, false);
+            }
+            if let Some(new) = reason {
+                tracing::warn!(reason = new, "pausing consumption");
+                shared
+                    .metrics
+                    .backpressure_pauses_total
+                    .with_label_values(&[new])
+                    .inc();
+                set_backpressure(&shared, new, true);
+            } else {
+                tracing::info!("resuming consumption");
+            }
+            consumer.set_paused(reason.is_some())?;
+            paused_for = reason;
+        }
+        if paused_for.is_some() {
+            // Newly assigned partitions start unpaused: pause them too.
+            consumer.set_paused(true)?;
+            tokio::select! {
+                () = stop.cancelled() => break,
+                message = consumer.idle_poll(Duration::from_millis(200)) => carried.extend(message),
+            }
+            continue;
+        }
+
+        let batch = match consumer
+            .next_batch(
+                std::mem::take(&mut carried),
+                batch_max,
+                batch_wait,
+                batch_wait,
+                &stop,
+            )
+            .await
+        {
+            Ok(batch) => batch,
+            Err(err) => {
+                shared.health.set_kafka_ok(false);
+                tracing::warn!(error = %err, "consuming failed; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(BACKOFF_START) => continue,
+                }
+            }
+        };
+        shared.health.set_kafka_ok(true);
+        if batch.is_empty() {
+            continue;
+        }
+        // The batch in hand always reaches Redis, even during shutdown; then
+        // the commit is synchronous so it is on the broker before we leave.
+        let mode = if stop.is_cancelled() {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        process_batch(
+            &shared,
+            &consumer,
+            &ingestor,
+            &batch,
+            max_span_bytes,
+            &mut carried,
+            mode,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Decode → dead-letter → ingest → commit for one batch. Redis failures are
+/// retried with backoff (consumption paused meanwhile, nothing committed)
+/// until they clear; only then are the offsets committed.
+async fn process_batch(
+    shared: &Shared,
+    consumer: &InputConsumer,
+    ingestor: &Ingestor,
+    batch: &[Consumed],
+    max_span_bytes: usize,
+    carried: &mut Vec<Consumed>,
+    mode: CommitMode,
+) -> Result<(), WorkerError> {
+    shared
+        .metrics
+        .messages_consumed_total
+        .inc_by(batch.len() as u64);
+    let mut spans = Vec::with_capacity(batch.len());
+    let mut invalid: Vec<(&Consumed, InvalidSpan)> = Vec::new();
+    for message in batch {
+        match decode_span(&message.payload, max_span_bytes) {
+            Ok(span) => spans.push(ShardedSpan {
+                shard: u32::try_from(message.partition).unwrap_or(0),
+                span,
+            }),
+            Err(err) => invalid.push((message, err)),
+        }
+    }
+    shared
+        .metrics
+        .record_invalid(invalid.iter().map(|(_, e)| e.reason));
+    for (message, err) in &invalid {
+        tracing::debug!(partition = message.partition, offset = message.offset, error = %err, "invalid span");
+    }
+    if let Some(dlq) = &shared.config.kafka.dlq_topic {
+        forward_invalid(shared, dlq, &invalid).await?;
+    }
+
+    let min_ts = batch
+        .iter()
+        .filter_map(|m| m.timestamp_ms)
+        .min()
+        .unwrap_or_else(wall_ms);
+    shared.clock.observe_batch(min_ts);
+    let now = min_ts as f64 / 1000.0;
+
+    let mut backoff = BACKOFF_START;
+    let mut paused = false;
+    loop {
+        match ingestor.ingest(&spans, now).await {
+            Ok(_) => break,
+            Err(err) if err.is_transient() => {
+                shared.health.set_redis_ok(false);
+                if !paused {
+                    tracing::warn!(error = %err, "redis unavailable; pausing consumption and retrying the batch");
+                    shared
+                        .metrics
+                        .backpressure_pauses_total
+                        .with_label_values(&["redis_down"])
+                        .inc();
+                    set_backpressure(shared, "redis_down", true);
+                    consumer.set_paused(true)?;
+                    paused = true;
+                }
+                // Keep serving the group while waiting. A message that still
+                // arrives (a partition assigned meanwhile) goes to the next
+                // batch: dropping it would let a later commit skip it.
+                carried.extend(consumer.idle_poll(backoff).await);
+                consumer.set_paused(true)?;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(err) => {
+                return Err(WorkerError::Store(match err {
+                    crate::ingest::IngestError::Store(e) => e,
+                    other => StoreError::Command {
+                        operation: "ingest",
+                        message: other.to_string(),
+                    },
+                }))
+            }
+        }
+    }
+    shared.health.set_redis_ok(true);
+    if paused {
+        tracing::info!("redis is back; resuming consumption");
+        set_backpressure(shared, "redis_down", false);
+        consumer.set_paused(false)?;
+    }
+    match consumer.commit(batch, mode) {
+        Ok(_) => shared
+            .metrics
+            .offset_commits_total
+            .with_label_values(&["ok"])
+            .inc(),
+        Err(err) => {
+            // The data is in Redis; a later commit covers these offsets, or
+            // the next owner re-ingests them idempotently.
+            shared
+                .metrics
+                .offset_commits_total
+                .with_label_values(&["error"])
+                .inc();
+            tracing::warn!(error = %err, "committing offsets failed");
+        }
+    }
+    Ok(())
+}
+
+/// Sends invalid input to the dead-letter topic (original bytes; reason,
+/// source partition and offset in headers), retrying until it is accepted:
+/// the offsets are committed past these messages only after that.
+async fn forward_invalid(
+    shared: &Shared,
+    topic: &str,
+    invalid: &[(&Consumed, InvalidSpan)],
+) -> Result<(), WorkerError> {
+    for (message, err) in invalid {
+        let partition = message.partition.to_string();
+        let offset = message.offset.to_string();
+        let headers: [(&str, &[u8]); 4] = [
+            ("spanbuf-invalid-reason", err.reason.as_str().as_bytes()),
+            ("spanbuf-invalid-detail", err.detail.as_bytes()),
+            ("spanbuf-source-partition", partition.as_bytes()),
+            ("spanbuf-source-offset", offset.as_bytes()),
+        ];
+        let mut backoff = BACKOFF_START;
+        loop {
+            match shared
+                .sink
+                .produce_raw(topic, None, &message.payload, &headers)
+                .await
+            {
+                Ok(()) => {
+                    shared.metrics.dlq_records_total.inc();
+                    break;
+                }
+                Err(e) if e.is_message_too_large() => {
+                    // Can never succeed: retrying would block the partition
+                    // for good. The span is already counted as invalid.
+                    shared
+                        .metrics
+                        .produce_errors_total
+                        .with_label_values(&["too_large"])
+                        .inc();
+                    tracing::error!(partition = message.partition, offset = message.offset, error = %e,
+                        "invalid span too large for the dead-letter topic; counted, not forwarded");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "dead-letter produce failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn flush_loop(
+    shared: Arc<Shared>,
+    consumer: Arc<InputConsumer>,
+    stop: CancellationToken,
+) -> Result<(), WorkerError> {
+    let flusher = Flusher::new(
+        shared.store.clone(),
+        FlushSettings::from_config(&shared.config),
+        shared.metrics.clone(),
+    );
+    let interval = Duration::from_millis(shared.config.worker.flush_interval_ms);
+    let mut backoff = BACKOFF_START;
+    while !stop.is_cancelled() {
+        let shards = consumer.assignment().shards();
+        let wait = match flusher
+            .flush_cycle(&shards, shared.clock.now(), shared.sink.as_ref())
+            .await
+        {
+            Ok(cycle) => {
+                shared.health.progress("flush");
+                shared
+                    .flush_lag_ms
+                    .store((cycle.max_lag_secs * 1000.0) as u64, Ordering::Relaxed);
+                backoff = BACKOFF_START;
+                if cycle.more_due {
+                    Duration::ZERO
+                } else {
+                    interval
+                }
+            }
+            Err(err) => {
+                // A producer in a fatal state fails every later delivery:
+                // stop (the supervisor restarts us) rather than spin.
+                shared.sink.check_fatal()?;
+                tracing::warn!(error = %err, retry_in = ?backoff, "flush cycle failed; segments stay buffered");
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                wait
+            }
+        };
+        if !wait.is_zero() {
+            // Shutdown only between cycles: a cycle always finishes its cleanup.
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+    Ok(())
+}
