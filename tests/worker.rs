@@ -40,11 +40,15 @@ struct Worker {
 
 impl Worker {
     fn start(redis: &RedisServer, broker: &Broker) -> Worker {
+        Worker::start_with(broker, &[("SPANBUF_REDIS_URL", redis.url())])
+    }
+
+    fn start_with(broker: &Broker, vars: &[(&str, String)]) -> Worker {
         let http_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_spanbuf"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spanbuf"));
+        command
             .arg("run")
             .env_clear()
-            .env("SPANBUF_REDIS_URL", redis.url())
             .env("SPANBUF_KAFKA_BROKERS", broker.bootstrap())
             .env("SPANBUF_CONSUMER_GROUP", GROUP)
             .env("SPANBUF_DLQ_TOPIC", DLQ)
@@ -59,10 +63,17 @@ impl Worker {
             .env("SPANBUF_KAFKA_CONSUMER_PROP_HEARTBEAT_INTERVAL_MS", "500")
             .env("SPANBUF_LOG_LEVEL", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spanbuf run starts");
+            .stderr(Stdio::piped());
+        for (name, value) in vars {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("spanbuf run starts");
         Worker { child, http_port }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -417,5 +428,135 @@ fn two_workers_split_the_partitions() {
         flushed(&b)
     );
     assert_eq!(a.terminate().0, Some(0));
+    assert_eq!(b.terminate().0, Some(0));
+}
+
+/// The same end-to-end path against a local 3-master Redis Cluster.
+#[test]
+fn end_to_end_on_redis_cluster() {
+    let cluster = support::RedisCluster::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[("SPANBUF_REDIS_CLUSTER_URLS", cluster.urls().join(","))],
+    );
+    let (lines, expected) = spans(0);
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(90));
+    assert_eq!(output.claimed(), expected);
+    let (code, stderr) = worker.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// Redis memory over the limit pauses consumption (flushing goes on); below
+/// it again, consumption resumes by itself.
+#[test]
+fn hard_backpressure_pauses_and_resumes() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_MAX_REDIS_MEMORY_PERCENT", "50".into()),
+            // Long enough that batch A is still buffered when the limit drops.
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "3".into()),
+            ("SPANBUF_TIMEOUT_SECS", "5".into()),
+        ],
+    );
+    let (first, first_expected) = spans(0);
+    produce(&broker, &first);
+    wait_for("batch A in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
+    });
+    // Make Redis look nearly full: maxmemory just above what it uses now.
+    let mut conn = redis.connection();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut conn)
+        .expect("info");
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(used + used / 4)
+        .query(&mut conn)
+        .expect("config set");
+    wait_for("the pause", Duration::from_secs(20), || {
+        worker.metric("spanbuf_backpressure_active{reason=\"redis_memory\"}") == Some(1.0)
+    });
+    assert_eq!(worker.get("/ready").map(|(status, _)| status), Some(503));
+    let (second, second_expected) = spans(1000);
+    produce(&broker, &second);
+    // Flushing goes on while paused: batch A comes out, batch B stays in Kafka.
+    let mut output = Output::new(&broker);
+    output.read_until(&first_expected, 0, Duration::from_secs(60));
+    assert_eq!(
+        worker.metric("spanbuf_spans_consumed_total"),
+        Some(800.0),
+        "nothing consumed while paused"
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query(&mut conn)
+        .expect("config set");
+    let mut all = first_expected;
+    all.extend(second_expected);
+    output.read_until(&all, 0, Duration::from_secs(60));
+    assert_eq!(output.claimed(), all);
+    assert_eq!(
+        worker.metric("spanbuf_backpressure_active{reason=\"redis_memory\"}"),
+        Some(0.0)
+    );
+    assert!(
+        worker.metric("spanbuf_backpressure_pauses_total{reason=\"redis_memory\"}") >= Some(1.0)
+    );
+    assert_eq!(worker.terminate().0, Some(0));
+}
+
+/// One of two workers is SIGKILLed mid-stream: the other takes over its
+/// partitions and every span is still delivered, a duplicate only with the
+/// same flush_id.
+#[test]
+fn sigkill_one_worker_the_other_takes_over() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut a = Worker::start(&redis, &broker);
+    let mut b = Worker::start(&redis, &broker);
+    wait_for(
+        "both workers to hold partitions",
+        Duration::from_secs(60),
+        || {
+            let held = |w: &Worker| w.metric("spanbuf_assigned_partitions").unwrap_or(0.0);
+            held(&a) >= 1.0 && held(&b) >= 1.0
+        },
+    );
+    let (first, mut expected) = spans(0);
+    produce(&broker, &first);
+    wait_for("worker a to consume", Duration::from_secs(60), || {
+        a.metric("spanbuf_spans_consumed_total").unwrap_or(0.0) > 0.0
+    });
+    a.kill();
+    let (second, second_expected) = spans(1000);
+    produce(&broker, &second);
+    expected.extend(second_expected);
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(120));
+    assert_eq!(output.claimed(), expected);
+    assert_eq!(
+        b.metric("spanbuf_assigned_partitions"),
+        Some(4.0),
+        "b holds every partition"
+    );
     assert_eq!(b.terminate().0, Some(0));
 }
