@@ -560,3 +560,85 @@ fn sigkill_one_worker_the_other_takes_over() {
     );
     assert_eq!(b.terminate().0, Some(0));
 }
+
+/// SIGTERM while spans keep arriving: the worker commits only what reached
+/// Redis. A second worker then delivers everything: nothing committed was
+/// left out of Redis.
+#[test]
+fn sigterm_drain_commits_only_what_redis_holds() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut first = Worker::start(&redis, &broker);
+    let (early, mut expected) = spans(0);
+    produce(&broker, &early);
+    wait_for(
+        "the first worker to consume",
+        Duration::from_secs(60),
+        || first.metric("spanbuf_spans_consumed_total").unwrap_or(0.0) > 0.0,
+    );
+    // Keep producing while the first worker drains.
+    let feeder_broker = broker.bootstrap();
+    let feeder = std::thread::spawn(move || {
+        let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", feeder_broker)
+            .create()
+            .expect("producer");
+        let mut all = BTreeMap::new();
+        for round in 0..10 {
+            let (lines, expected) = spans(10_000 + round * 100);
+            for (trace, payload) in &lines {
+                producer
+                    .send(BaseRecord::to(INPUT).key(trace.as_bytes()).payload(payload))
+                    .map_err(|(e, _)| e)
+                    .expect("produce");
+            }
+            all.extend(expected);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        producer.flush(Duration::from_secs(10)).expect("flush");
+        all
+    });
+    let (code, stderr) = first.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    expected.extend(feeder.join().expect("feeder"));
+
+    let mut second = Worker::start(&redis, &broker);
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(120));
+    assert_eq!(output.claimed(), expected);
+    assert_eq!(second.terminate().0, Some(0));
+}
+
+/// A drain that cannot finish (Redis gone with a batch in hand) ends at the
+/// second signal, at once.
+#[test]
+fn second_signal_exits_at_once() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start(&redis, &broker);
+    wait_for(
+        "the worker to hold partitions",
+        Duration::from_secs(60),
+        || worker.metric("spanbuf_assigned_partitions").unwrap_or(0.0) >= 1.0,
+    );
+    drop(redis);
+    let (lines, _) = spans(0);
+    produce(&broker, &lines);
+    wait_for(
+        "the worker to notice redis is gone",
+        Duration::from_secs(60),
+        || worker.metric("spanbuf_backpressure_active{reason=\"redis_down\"}") == Some(1.0),
+    );
+    let pid = worker.child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    // The first signal was handled once the HTTP endpoint shut down.
+    wait_for("the drain to start", Duration::from_secs(10), || {
+        worker.get("/health").is_none()
+    });
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let (code, stderr) = worker.terminate();
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("second signal"), "{stderr}");
+}
