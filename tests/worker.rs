@@ -395,15 +395,10 @@ fn worker_recovers_when_redis_restarts() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
-/// Two workers in one group split the partitions; every span comes out
-/// once (a duplicate only with the same flush_id), under its root.
-#[test]
-fn two_workers_split_the_partitions() {
-    let redis = RedisServer::start();
-    let broker = Broker::start();
-    topics(&broker);
-    let mut a = Worker::start(&redis, &broker);
-    let mut b = Worker::start(&redis, &broker);
+/// Two workers in one group, once the four partitions are split between them.
+fn two_workers(redis: &RedisServer, broker: &Broker) -> (Worker, Worker) {
+    let a = Worker::start(redis, broker);
+    let b = Worker::start(redis, broker);
     wait_for(
         "both workers to hold partitions",
         Duration::from_secs(60),
@@ -412,6 +407,17 @@ fn two_workers_split_the_partitions() {
             held(&a) >= 1.0 && held(&b) >= 1.0 && held(&a) + held(&b) == 4.0
         },
     );
+    (a, b)
+}
+
+/// Two workers in one group split the partitions; every span comes out
+/// once (a duplicate only with the same flush_id), under its root.
+#[test]
+fn two_workers_split_the_partitions() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let (mut a, mut b) = two_workers(&redis, &broker);
     let (lines, expected) = spans(0);
     produce(&broker, &lines);
     let mut output = Output::new(&broker);
@@ -531,16 +537,7 @@ fn sigkill_one_worker_the_other_takes_over() {
     let redis = RedisServer::start();
     let broker = Broker::start();
     topics(&broker);
-    let mut a = Worker::start(&redis, &broker);
-    let mut b = Worker::start(&redis, &broker);
-    wait_for(
-        "both workers to hold partitions",
-        Duration::from_secs(60),
-        || {
-            let held = |w: &Worker| w.metric("spanbuf_assigned_partitions").unwrap_or(0.0);
-            held(&a) >= 1.0 && held(&b) >= 1.0
-        },
-    );
+    let (mut a, mut b) = two_workers(&redis, &broker);
     let (first, mut expected) = spans(0);
     produce(&broker, &first);
     wait_for("worker a to consume", Duration::from_secs(60), || {
