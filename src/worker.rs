@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::CommitMode;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -41,6 +42,8 @@ pub enum WorkerError {
     Kafka(#[from] KafkaError),
     #[error("worker: {0}")]
     Store(#[from] StoreError),
+    #[error("worker: {0}")]
+    Ingest(#[from] crate::ingest::IngestError),
     #[error("worker: http endpoint failed: {0}")]
     Http(#[from] http::HttpError),
     #[error("worker: cannot register metrics: {0}")]
@@ -155,8 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 
     // Order of the drain: consume first (the batch in hand reaches Redis and
     // is committed), then the flusher finishes its cycle, then the producer.
-    let consume_watch = consume_task;
-    tokio::pin!(consume_watch);
+    let mut consume_watch = consume_task;
     let mut flush_watch = flush_task;
     let result: Result<(), WorkerError> = tokio::select! {
         () = shutdown.cancelled() => {
@@ -190,10 +192,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
 
 async fn drain(
     consume_stop: CancellationToken,
-    consume: &mut (impl std::future::Future<Output = Result<Result<(), WorkerError>, tokio::task::JoinError>>
-              + Unpin),
+    consume: &mut JoinHandle<Result<(), WorkerError>>,
     flush_stop: CancellationToken,
-    flush: &mut tokio::task::JoinHandle<Result<(), WorkerError>>,
+    flush: &mut JoinHandle<Result<(), WorkerError>>,
     timeout: Duration,
 ) -> Result<(), WorkerError> {
     tracing::info!("shutting down: finishing the batch in hand, then the flush cycle");
@@ -444,15 +445,7 @@ async fn process_batch(
                 consumer.set_paused(true)?;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            Err(err) => {
-                return Err(WorkerError::Store(match err {
-                    crate::ingest::IngestError::Store(e) => e,
-                    other => StoreError::Command {
-                        operation: "ingest",
-                        message: other.to_string(),
-                    },
-                }))
-            }
+            Err(err) => return Err(err.into()),
         }
     }
     shared.health.set_redis_ok(true);
