@@ -81,6 +81,9 @@ pub struct CycleOutcome {
     /// The largest flush lag over the shards (now minus the oldest overdue
     /// deadline; 0 when nothing is overdue): the soft backpressure signal.
     pub max_lag_secs: f64,
+    /// Per flushed segment: the time its records were delivered minus its
+    /// queue deadline, seconds (negative only if clocks disagree).
+    pub lateness_secs: Vec<f64>,
 }
 
 /// One due segment as the cycle carries it from load to cleanup.
@@ -165,6 +168,7 @@ impl Flusher {
         now: f64,
         sink: &S,
     ) -> Result<CycleOutcome, FlushError> {
+        let started = std::time::Instant::now();
         let mut outcome = CycleOutcome::default();
         if shards.is_empty() {
             return Ok(outcome);
@@ -191,6 +195,7 @@ impl Flusher {
                 .flush_lag_seconds
                 .with_label_values(&[&shard])
                 .set(lag);
+            outcome.max_lag_secs = outcome.max_lag_secs.max(lag);
             outcome.due += snap.due.len();
             outcome.more_due |= snap.due.len() >= per_shard;
             for (segment_key, score) in &snap.due {
@@ -339,6 +344,8 @@ impl Flusher {
             }
         }
 
+        let delivered_at = now + started.elapsed().as_secs_f64();
+
         // 6. Precise cleanup of what was delivered.
         let done: Vec<DoneRequest<'_>> = segments
             .iter()
@@ -374,6 +381,13 @@ impl Flusher {
                 outcome.segments_empty += 1;
             } else {
                 outcome.segments_flushed += 1;
+                // Scores come from Redis as decimal text; one that is not is
+                // left out of the lateness, not guessed.
+                if let Ok(deadline) = d.score.parse::<f64>() {
+                    let late = delivered_at - deadline;
+                    self.metrics.flush_lateness_seconds.observe(late.max(0.0));
+                    outcome.lateness_secs.push(late);
+                }
             }
             let removed_here =
                 !reply.removed_salts.is_empty() || (seg.salts.is_empty() && reply.segment_deleted);

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub flush_lag_seconds: GaugeVec,
     /// Time of one flush cycle (read queues, lock, load, build, deliver, clean up).
     pub flush_cycle_duration_seconds: Histogram,
+    /// Delivery time minus the queue deadline of each flushed segment: how late the flusher is.
+    pub flush_lateness_seconds: Histogram,
     /// Seconds since a loop last completed a cycle, by loop (consume, flush).
     pub loop_stall_seconds: GaugeVec,
     /// 1 while consumption is paused, by reason (flush_lag = soft, redis_memory = hard, redis_down).
@@ -174,6 +176,12 @@ fn latency_buckets() -> Vec<f64> {
     ]
 }
 
+fn lateness_buckets() -> Vec<f64> {
+    vec![
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ]
+}
+
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let r = Registry::new();
@@ -198,6 +206,7 @@ impl Metrics {
             queue_segments: int_gauge_vec(&r, "spanbuf_queue_segments", "Segments in the flush queue of a shard.", "shard")?,
             flush_lag_seconds: gauge_vec(&r, "spanbuf_flush_lag_seconds", "Now minus the oldest due deadline of a shard's queue; 0 when nothing is overdue.", "shard")?,
             flush_cycle_duration_seconds: histogram(&r, "spanbuf_flush_cycle_duration_seconds", "Time of one flush cycle (read queues, lock, load, build, deliver, clean up).", latency_buckets())?,
+            flush_lateness_seconds: histogram(&r, "spanbuf_flush_lateness_seconds", "Delivery time minus the queue deadline of each flushed segment: how late the flusher is.", lateness_buckets())?,
             loop_stall_seconds: gauge_vec(&r, "spanbuf_loop_stall_seconds", "Seconds since a loop last completed a cycle, by loop (consume, flush).", "loop")?,
             backpressure_active: int_gauge_vec(&r, "spanbuf_backpressure_active", "1 while consumption is paused, by reason (flush_lag = soft, redis_memory = hard, redis_down).", "reason")?,
             backpressure_pauses_total: counter_vec(&r, "spanbuf_backpressure_pauses_total", "Times consumption was paused, by reason.", "reason")?,
