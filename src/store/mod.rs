@@ -16,6 +16,7 @@
 
 mod flush_ops;
 mod ingest_ops;
+mod inspect_ops;
 pub mod keys;
 pub mod scripts;
 
@@ -23,6 +24,7 @@ pub use flush_ops::{
     DeliveredSalt, DoneReply, DoneRequest, LoadRequest, Loaded, PayloadSet, QueueSnapshot,
 };
 pub use ingest_ops::{Detach, InsertParams, InsertReply, QueueUpdate, SubsegmentWrite};
+pub use inspect_ops::{scan_pattern, KeyFamily, Primary, PrimaryStats, QueueStats, ScanPage};
 pub use keys::{Keys, SegmentRef};
 
 use std::collections::HashMap;
@@ -203,12 +205,12 @@ impl Store {
         }
     }
 
-    /// Memory use of every primary as `(used_memory, maxmemory)` from `INFO
-    /// memory`; `maxmemory` 0 means no limit.
-    pub async fn memory(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+    /// The text of `INFO <section>` from every primary (one entry in
+    /// standalone mode), in no particular order.
+    pub async fn info(&self, section: &str) -> Result<Vec<String>, StoreError> {
         let mut info = redis::cmd("INFO");
-        info.arg("memory");
-        let reply = self.exec_unrouted("info memory", info).await?;
+        info.arg(section);
+        let reply = self.exec_unrouted("info", info).await?;
         let texts: Vec<String> = match reply {
             Value::Map(nodes) => nodes
                 .into_iter()
@@ -218,11 +220,19 @@ impl Store {
         };
         if texts.is_empty() {
             return Err(StoreError::UnexpectedReply {
-                operation: "info memory",
-                detail: "no INFO text in the reply".into(),
+                operation: "info",
+                detail: format!("no INFO {section} text in the reply"),
             });
         }
-        Ok(texts
+        Ok(texts)
+    }
+
+    /// Memory use of every primary as `(used_memory, maxmemory)` from `INFO
+    /// memory`; `maxmemory` 0 means no limit.
+    pub async fn memory(&self) -> Result<Vec<(u64, u64)>, StoreError> {
+        Ok(self
+            .info("memory")
+            .await?
             .iter()
             .map(|t| (info_field(t, "used_memory"), info_field(t, "maxmemory")))
             .collect())
@@ -458,7 +468,7 @@ fn value_text(value: Value) -> Option<String> {
 }
 
 /// A numeric field of `INFO` text (`name:value` lines); 0 when absent.
-fn info_field(text: &str, name: &str) -> u64 {
+pub fn info_field(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
