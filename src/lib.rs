@@ -35,11 +35,13 @@
 //! their span ids and the insert script does not count a salt twice.
 
 pub mod audit;
+pub mod bench;
 pub mod config;
 pub mod flush;
 pub mod gen;
 pub mod http;
 pub mod ingest;
+pub mod inspect;
 pub mod kafka;
 pub mod metrics;
 pub mod replay;

@@ -39,10 +39,79 @@ enum Command {
     /// Write a deterministic synthetic workload of spans as NDJSON, or produce
     /// it to a Kafka topic (key = trace id).
     Gen(GenArgs),
+    /// Show what the buffer in Redis holds, for an operator when paged: per
+    /// shard queue depth, oldest deadline, flush lag and due segments; totals
+    /// of payload sets, spans, redirect maps and flush locks; memory and keys
+    /// per primary. Writes no keys; keys are found with SCAN, bounded by
+    /// --max-keys.
+    Inspect(InspectArgs),
     /// Compare input spans with delivered records: spans missing, delivered
     /// twice with different flush ids, or under the wrong segment. Prints a
     /// JSON report; exits 1 when it is not clean.
     Audit(AuditArgs),
+    /// Measure ingest and flush end to end through Redis (and, with --kafka,
+    /// the producer): spans/s, segments/s, CPU and Redis cost per 1k spans,
+    /// peak RSS, flush lateness. `--sweep VAR=v1,v2` runs a grid of settings
+    /// and writes bench.csv, bench.json and bench.png to --out-dir.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Workload file (NDJSON spans); without it one is generated (--traces …)
+    /// into --out-dir.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Sweep a SPANBUF_* variable over values, e.g.
+    /// `--sweep SPANBUF_COMPRESSION_LEVEL=-1,0,3`; repeatable (the grid).
+    #[arg(long, value_name = "VAR=V1,V2,…")]
+    sweep: Vec<spanbuf::bench::sweep::SweepVar>,
+    /// Where bench.json, bench.csv, bench.png (and a generated workload) go.
+    #[arg(long, default_value = "bench-out")]
+    out_dir: PathBuf,
+    /// Flush queues (shards); a span's shard is its trace id modulo this.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    shards: u32,
+    /// Deliver through the Kafka producer to SPANBUF_OUTPUT_TOPIC (acknowledged)
+    /// instead of encoding and discarding the records.
+    #[arg(long)]
+    kafka: bool,
+    /// Longest wait for the queues to empty after the input ended
+    /// [default: SPANBUF_TIMEOUT_SECS + 60].
+    #[arg(long)]
+    max_wait_secs: Option<u64>,
+    /// TrueType font for the plot's text [default: DejaVu Sans].
+    #[arg(long)]
+    plot_font: Option<PathBuf>,
+    /// Generated workload: traces.
+    #[arg(long, default_value_t = 5000)]
+    traces: usize,
+    /// Generated workload: spans per segment.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    spans_per_segment: u64,
+    /// Generated workload: segments per trace.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    segments_per_trace: u64,
+    /// Generated workload: approximate bytes of one span.
+    #[arg(long, default_value_t = 900)]
+    payload_bytes: usize,
+    /// Generated workload: seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Internal: run one point in this process and print its JSON result.
+    #[arg(long, hide = true, requires = "input")]
+    point: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Stop counting keys after this many (the report is then marked
+    /// truncated; shard queues are still all shown).
+    #[arg(long, default_value_t = spanbuf::inspect::DEFAULT_MAX_KEYS, value_parser = clap::value_parser!(u64).range(1..))]
+    max_keys: u64,
 }
 
 #[derive(Args)]
@@ -148,9 +217,18 @@ fn main() -> ExitCode {
         Command::Run => run_async(run_worker(config)),
         Command::Check => run_async(check(config)),
         Command::Replay(args) => run_async(replay(config, args)),
+        Command::Inspect(args) => run_async(inspect(config, args)),
         Command::Audit(args) => match audit(&config, args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
+            Err(err) => {
+                eprintln!("spanbuf: {err:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Bench(args) if args.point => run_async(bench_point(config, args)),
+        Command::Bench(args) => match bench(&config, args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("spanbuf: {err:#}");
                 ExitCode::from(1)
@@ -315,7 +393,12 @@ fn gen(config: &Config, args: GenArgs) -> anyhow::Result<()> {
     };
     let mut written: anyhow::Result<()> = Ok(());
     let max = usize::try_from(config.buffer.max_span_bytes)?;
+    // Drawn on stderr only when it is a terminal; the summary line stays last.
+    let progress = indicatif::ProgressBar::new(
+        (spec.traces * spec.segments_per_trace * spec.spans_per_segment) as u64,
+    );
     let summary = spanbuf::gen::generate(&spec, |line| {
+        progress.inc(1);
         if written.is_err() {
             return;
         }
@@ -335,6 +418,7 @@ fn gen(config: &Config, args: GenArgs) -> anyhow::Result<()> {
                 .map_err(Into::into);
         }
     });
+    progress.finish_and_clear();
     written?;
     out.flush()?;
     if let Some(producer) = kafka {
@@ -344,6 +428,73 @@ fn gen(config: &Config, args: GenArgs) -> anyhow::Result<()> {
         "{{\"lines\":{},\"spans\":{},\"segments\":{},\"invalid\":{},\"late\":{}}}",
         summary.lines, summary.spans, summary.segments, summary.invalid, summary.late
     );
+    Ok(())
+}
+
+fn max_wait(config: &Config, args: &BenchArgs) -> std::time::Duration {
+    std::time::Duration::from_secs(
+        args.max_wait_secs.unwrap_or(
+            config
+                .buffer
+                .timeout_secs
+                .max(config.buffer.root_timeout_secs)
+                + 60,
+        ),
+    )
+}
+
+/// One bench point in this process (the orchestrator's child).
+async fn bench_point(config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    let options = spanbuf::bench::PointOptions {
+        input: args.input.clone().unwrap_or_default(),
+        shards: args.shards,
+        kafka: args.kafka,
+        max_wait: max_wait(&config, &args),
+    };
+    let result = spanbuf::bench::run_point(&config, &options).await?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+fn bench(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut point_args: Vec<String> = vec![
+        "bench".into(),
+        "--point".into(),
+        "--shards".into(),
+        args.shards.to_string(),
+        "--max-wait-secs".into(),
+        max_wait(config, &args).as_secs().to_string(),
+    ];
+    if args.kafka {
+        point_args.push("--kafka".into());
+    }
+    let plan = spanbuf::bench::sweep::SweepPlan {
+        input: args.input,
+        generate: spanbuf::gen::GenSpec {
+            seed: args.seed,
+            traces: args.traces,
+            segments_per_trace: usize::try_from(args.segments_per_trace)?,
+            spans_per_segment: usize::try_from(args.spans_per_segment)?,
+            payload_bytes: args.payload_bytes,
+            ..spanbuf::gen::GenSpec::default()
+        },
+        sweep: args.sweep,
+        out_dir: args.out_dir,
+        child: spanbuf::bench::sweep::ChildCommand {
+            exe,
+            args: point_args,
+        },
+        base_env: std::env::vars()
+            .filter(|(k, _)| k.starts_with("SPANBUF_"))
+            .collect(),
+        plot_font: args.plot_font,
+    };
+    let output = spanbuf::bench::sweep::run_sweep(&plan)?;
+    print!("{}", output.table);
+    for file in &output.files {
+        eprintln!("wrote {}", file.display());
+    }
     Ok(())
 }
 
@@ -365,6 +516,19 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
             ExitCode::from(1)
         }
     }
+}
+
+async fn inspect(config: Config, args: InspectArgs) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let report = spanbuf::inspect::inspect(&config, now, args.max_keys).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", spanbuf::inspect::render_table(&report));
+    }
+    Ok(())
 }
 
 async fn check(config: Config) -> anyhow::Result<()> {

@@ -139,7 +139,10 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
     let sink = if options.kafka {
         let kafka = KafkaSink::new(config, metrics.clone())?;
         kafka
-            .check_topics(&[config.kafka.output_topic.as_str()], Duration::from_secs(10))
+            .check_topics(
+                &[config.kafka.output_topic.as_str()],
+                Duration::from_secs(10),
+            )
             .await?;
         BenchSink::Kafka(kafka)
     } else {
@@ -154,7 +157,11 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
 
     let input_done = Arc::new(AtomicBool::new(false));
     let flush_task = tokio::spawn(flush_loop(
-        Flusher::new(store.clone(), FlushSettings::from_config(config), metrics.clone()),
+        Flusher::new(
+            store.clone(),
+            FlushSettings::from_config(config),
+            metrics.clone(),
+        ),
         store.clone(),
         shards.clone(),
         sink.clone(),
@@ -303,7 +310,9 @@ async fn ingest_all(
     .await;
     drop(rx);
     if reader.join().is_err() {
-        return Err(BenchError::Other("the workload reader thread panicked".into()));
+        return Err(BenchError::Other(
+            "the workload reader thread panicked".into(),
+        ));
     }
     result.map(|()| (lines, invalid))
 }
@@ -336,7 +345,9 @@ async fn flush_loop(
     loop {
         let done = input_done.load(Ordering::Acquire);
         let cycle_start = Instant::now();
-        let cycle = flusher.flush_cycle(&shards, wall_secs(), sink.as_ref()).await?;
+        let cycle = flusher
+            .flush_cycle(&shards, wall_secs(), sink.as_ref())
+            .await?;
         if cycle.segments_flushed > 0 {
             out.busy_secs += cycle_start.elapsed().as_secs_f64();
         }
@@ -500,7 +511,10 @@ mod tests {
     #[test]
     fn info_fields_are_parsed() {
         let cpu = "# CPU\r\nused_cpu_sys:1.250000\r\nused_cpu_user:2.500000\r\n";
-        assert_eq!(info_f64(cpu, "used_cpu_sys") + info_f64(cpu, "used_cpu_user"), 3.75);
+        assert_eq!(
+            info_f64(cpu, "used_cpu_sys") + info_f64(cpu, "used_cpu_user"),
+            3.75
+        );
         assert_eq!(info_f64(cpu, "used_cpu_sys_children"), 0.0);
         let stats = "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=5,usec_per_call=0.5,rejected_calls=0,failed_calls=0\r\ncmdstat_zadd:calls=7,usec=1\r\n";
         assert_eq!(command_calls(stats), 17);

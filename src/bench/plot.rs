@@ -122,7 +122,10 @@ pub fn draw(path: &Path, runs: &[PointRun], font: Option<&Path>) -> Result<(), P
         chart
             .draw_series(values.iter().enumerate().map(|(i, v)| {
                 let mut bar = Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *v)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), *v),
+                    ],
                     color.filled(),
                 );
                 bar.set_margin(0, 0, 12, 12);
@@ -192,7 +195,10 @@ mod tests {
         assert!(bytes.len() > 5_000, "{} bytes", bytes.len());
 
         let missing = draw(&path, &runs, Some(Path::new("/no/such/font.ttf")));
-        assert!(matches!(missing, Err(PlotError::NoFont { .. })), "{missing:?}");
+        assert!(
+            matches!(missing, Err(PlotError::NoFont { .. })),
+            "{missing:?}"
+        );
         assert!(matches!(draw(&path, &[], None), Err(PlotError::Empty)));
     }
 }

@@ -133,9 +133,7 @@ pub fn run_child(child: &ChildCommand, settings: &Settings) -> Result<PointResul
         .args(&child.args)
         .envs(settings.iter().map(|(k, v)| (k, v)))
         .output()
-        .map_err(|e| {
-            BenchError::Other(format!("cannot start {}: {e}", child.exe.display()))
-        })?;
+        .map_err(|e| BenchError::Other(format!("cannot start {}: {e}", child.exe.display())))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
@@ -159,10 +157,7 @@ pub fn run_child(child: &ChildCommand, settings: &Settings) -> Result<PointResul
 /// Runs every point in order with a progress bar on stderr (hidden when
 /// stderr is not a terminal). Returns the finished points and the first
 /// failure, if any.
-pub fn run_all(
-    child: &ChildCommand,
-    points: &[Settings],
-) -> (Vec<PointRun>, Option<BenchError>) {
+pub fn run_all(child: &ChildCommand, points: &[Settings]) -> (Vec<PointRun>, Option<BenchError>) {
     let bar = indicatif::ProgressBar::new(points.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -195,10 +190,22 @@ fn columns(r: &PointResult) -> [(&'static str, String); 11] {
         ("spans/s", format!("{:.0}", r.spans_per_sec)),
         ("segments/s", format!("{:.0}", r.segments_per_sec)),
         ("cpu ms/1k", format!("{:.1}", r.worker_cpu_ms_per_1k_spans)),
-        ("redis cpu ms/1k", format!("{:.1}", r.redis_cpu_ms_per_1k_spans)),
-        ("redis cmds/1k", format!("{:.0}", r.redis_commands_per_1k_spans)),
-        ("round trips/1k", format!("{:.1}", r.redis_round_trips_per_1k_spans)),
-        ("peak rss MiB", format!("{:.0}", r.peak_rss_bytes as f64 / 1048576.0)),
+        (
+            "redis cpu ms/1k",
+            format!("{:.1}", r.redis_cpu_ms_per_1k_spans),
+        ),
+        (
+            "redis cmds/1k",
+            format!("{:.0}", r.redis_commands_per_1k_spans),
+        ),
+        (
+            "round trips/1k",
+            format!("{:.1}", r.redis_round_trips_per_1k_spans),
+        ),
+        (
+            "peak rss MiB",
+            format!("{:.0}", r.peak_rss_bytes as f64 / 1048576.0),
+        ),
         ("late p50 s", format!("{:.2}", r.lateness_p50_secs)),
         ("late p99 s", format!("{:.2}", r.lateness_p99_secs)),
         ("spans out", r.spans_flushed.to_string()),
@@ -232,7 +239,12 @@ pub fn render_table(runs: &[PointRun]) -> String {
         rows.push(row);
     }
     let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r.get(i).map_or(0, String::len)).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in &rows {
@@ -325,8 +337,7 @@ pub fn run_sweep(plan: &SweepPlan) -> Result<SweepOutput, BenchError> {
     let io_err = |what: &str, path: &Path, e: std::io::Error| {
         BenchError::Other(format!("cannot {what} {}: {e}", path.display()))
     };
-    std::fs::create_dir_all(&plan.out_dir)
-        .map_err(|e| io_err("create", &plan.out_dir, e))?;
+    std::fs::create_dir_all(&plan.out_dir).map_err(|e| io_err("create", &plan.out_dir, e))?;
     let workload = match &plan.input {
         Some(path) => path.clone(),
         None => {
@@ -439,8 +450,14 @@ mod tests {
         let table = render_table(&runs);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
-        assert!(lines[0].contains("spans/s") && lines[0].starts_with(" A"), "{table}");
-        assert!(lines[2].contains("22") && lines[2].contains("1234"), "{table}");
+        assert!(
+            lines[0].contains("spans/s") && lines[0].starts_with(" A"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("22") && lines[2].contains("1234"),
+            "{table}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("b.csv");
@@ -448,8 +465,14 @@ mod tests {
         let text = std::fs::read_to_string(&csv).unwrap();
         let rows: Vec<&str> = text.lines().collect();
         assert_eq!(rows.len(), 3);
-        assert!(rows[0].starts_with("SPANBUF_A,") && rows[0].contains(",spans_per_sec,"), "{text}");
-        assert!(rows[2].starts_with("22,") && rows[2].contains(",1234.4"), "{text}");
+        assert!(
+            rows[0].starts_with("SPANBUF_A,") && rows[0].contains(",spans_per_sec,"),
+            "{text}"
+        );
+        assert!(
+            rows[2].starts_with("22,") && rows[2].contains(",1234.4"),
+            "{text}"
+        );
         assert_eq!(rows[0].split(',').count(), rows[1].split(',').count());
     }
 }
