@@ -862,10 +862,23 @@ async fn queue_gauges(backend: Backend) {
         .expect("cycle");
     assert!(out.more_due);
     assert_eq!((gauge("queue"), gauge("lag")), (3.0, 5.0));
-    one.flush_cycle(&[2], T0 + 65.0, &sink)
+    // The outcome carries the lag soft backpressure reads, and the flushed
+    // segment's lateness: delivered (T0+65 plus the cycle's own time) minus
+    // its deadline T0+60.
+    assert_eq!(out.max_lag_secs, 5.0);
+    assert_eq!(out.lateness_secs.len(), 1);
+    assert!((5.0..6.0).contains(&out.lateness_secs[0]), "{out:?}");
+    let second = one
+        .flush_cycle(&[2], T0 + 65.0, &sink)
         .await
         .expect("cycle");
     assert_eq!((gauge("queue"), gauge("lag")), (2.0, 4.0));
+    assert_eq!(second.max_lag_secs, 4.0);
+    assert_eq!(
+        env.metrics.flush_lateness_seconds.get_sample_count(),
+        2,
+        "one lateness sample per flushed segment"
+    );
     let text = env.metrics.render().expect("render");
     assert!(
         text.contains("spanbuf_queue_segments{shard=\"2\"} 2"),

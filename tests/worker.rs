@@ -529,6 +529,92 @@ fn hard_backpressure_pauses_and_resumes() {
     assert_eq!(worker.terminate().0, Some(0));
 }
 
+/// Segments that cannot be flushed (their locks held by someone else) build
+/// up flush lag; past SPANBUF_MAX_FLUSH_LAG_SECS consumption pauses, and once
+/// they flush it resumes by itself.
+#[test]
+fn soft_backpressure_pauses_on_flush_lag_and_resumes() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_MAX_FLUSH_LAG_SECS", "1".into()),
+            // Room to take the locks before batch A is due.
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "5".into()),
+            ("SPANBUF_TIMEOUT_SECS", "8".into()),
+            ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "60".into()),
+        ],
+    );
+    let (first, first_expected) = spans(0);
+    produce(&broker, &first);
+    wait_for("batch A in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
+    });
+    // Another flusher holds every queued segment's lock.
+    let mut conn = redis.connection();
+    let mut locks = Vec::new();
+    for shard in 0..4 {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("span-buf:q:{shard}"))
+            .arg(0)
+            .arg(-1)
+            .query(&mut conn)
+            .expect("zrange");
+        for member in members {
+            let lock = format!("span-buf:fl:{member}");
+            let _: () = redis::cmd("SET")
+                .arg(&lock)
+                .arg("another-flusher")
+                .arg("EX")
+                .arg(120)
+                .query(&mut conn)
+                .expect("set lock");
+            locks.push(lock);
+        }
+    }
+    assert_eq!(
+        locks.len(),
+        100,
+        "batch A is 100 segments, none flushed yet"
+    );
+    wait_for("the pause", Duration::from_secs(30), || {
+        worker.metric("spanbuf_backpressure_active{reason=\"flush_lag\"}") == Some(1.0)
+    });
+    let (second, second_expected) = spans(1000);
+    produce(&broker, &second);
+    // Let the flusher run into the held locks for a while (about 2 s of
+    // cycles): long enough that batch B would have been consumed.
+    let contended = worker
+        .metric("spanbuf_flush_lock_contention_total")
+        .unwrap_or(0.0);
+    wait_for("flush cycles", Duration::from_secs(30), || {
+        worker.metric("spanbuf_flush_lock_contention_total") >= Some(contended + 2000.0)
+    });
+    assert_eq!(
+        worker.metric("spanbuf_spans_consumed_total"),
+        Some(800.0),
+        "nothing consumed while paused"
+    );
+    let _: i64 = redis::cmd("DEL")
+        .arg(&locks)
+        .query(&mut conn)
+        .expect("release the locks");
+    let mut all = first_expected;
+    all.extend(second_expected);
+    let mut output = Output::new(&broker);
+    output.read_until(&all, 0, Duration::from_secs(60));
+    assert_eq!(output.claimed(), all);
+    assert_eq!(
+        worker.metric("spanbuf_backpressure_active{reason=\"flush_lag\"}"),
+        Some(0.0)
+    );
+    assert!(worker.metric("spanbuf_backpressure_pauses_total{reason=\"flush_lag\"}") >= Some(1.0));
+    assert_eq!(worker.terminate().0, Some(0));
+}
+
 /// One of two workers is SIGKILLed mid-stream: the other takes over its
 /// partitions and every span is still delivered, a duplicate only with the
 /// same flush_id.
