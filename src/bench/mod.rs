@@ -482,10 +482,20 @@ fn process_cpu_secs() -> f64 {
     })
 }
 
-/// Peak RSS of this process (Linux reports `ru_maxrss` in KiB).
+/// Peak RSS of this process image: `VmHWM` from `/proc/self/status`. Not
+/// `getrusage`'s `ru_maxrss`, which Linux carries across `fork` and `execve`
+/// and so would report the orchestrator's peak (it held the generated
+/// workload) for every point. 0 where `/proc` is missing.
 fn peak_rss_bytes() -> u64 {
-    use nix::sys::resource::{getrusage, UsageWho};
-    getrusage(UsageWho::RUSAGE_SELF).map_or(0, |u| u64::try_from(u.max_rss()).unwrap_or(0) * 1024)
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                let kib = line.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?;
+                kib.trim().parse::<u64>().ok()
+            })
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 fn wall_secs() -> f64 {
