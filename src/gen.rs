@@ -69,9 +69,11 @@ pub struct GenSummary {
     pub segments: usize,
 }
 
-/// One span before its `received` time is known.
+/// One span before its `received` time is known: serialized, because a
+/// `serde_json::Value` takes about five times the memory and the whole
+/// workload is held for the shuffle.
 struct Pending {
-    value: serde_json::Value,
+    json: Box<[u8]>,
     late: bool,
 }
 
@@ -137,7 +139,9 @@ pub fn generate(spec: &GenSpec, mut emit: impl FnMut(&[u8])) -> GenSummary {
                 }
                 let late = i > 0 && rng.random_bool(spec.late_fraction.clamp(0.0, 1.0));
                 summary.late += usize::from(late);
-                stream.push(Pending { value, late });
+                // Serializing a Value built above cannot fail (string keys only).
+                let json = serde_json::to_vec(&value).unwrap_or_default().into_boxed_slice();
+                stream.push(Pending { json, late });
                 spans.push((span_id, level));
             }
         }
@@ -155,7 +159,10 @@ pub fn generate(spec: &GenSpec, mut emit: impl FnMut(&[u8])) -> GenSummary {
     let step = 1.0 / spec.rate.max(1e-9);
     let mut received = spec.start;
     for (k, pending) in on_time.into_iter().chain(late).enumerate() {
-        let mut value = pending.value;
+        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&pending.json) else {
+            summary.spans -= 1;
+            continue;
+        };
         if pending.late && k > 0 {
             received = received.max(spec.start + (k as f64) * step + spec.late_after_secs);
         } else {
