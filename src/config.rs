@@ -851,7 +851,9 @@ impl Config {
 
         let mut raw: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in vars {
-            if !name.starts_with(PREFIX) {
+            // Test-only fault variables, known only to builds with the
+            // `fault-points` feature (see `crate::fault`).
+            if !name.starts_with(PREFIX) || crate::fault::is_fault_var(&name) {
                 continue;
             }
             if raw.contains_key(&name) {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::config::Config;
+use crate::fault;
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkError};
 use crate::span::compress::decode_member;
@@ -298,6 +299,10 @@ impl Flusher {
             segments.push(seg);
         }
 
+        if !segments.is_empty() {
+            fault::hit(fault::Point::AfterLoad);
+        }
+
         // 4. Records.
         let mut records: Vec<FlushedSegment> = Vec::new();
         let mut built_segments = Vec::with_capacity(segments.len());
@@ -326,6 +331,9 @@ impl Flusher {
         // 5. Deliver; on failure nothing is cleaned up, locks are released so
         // a later cycle can retry at once.
         if !records.is_empty() {
+            if let Some(delay) = fault::deliver_delay() {
+                tokio::time::sleep(delay).await;
+            }
             if let Err(source) = sink.deliver(&records).await {
                 let held: Vec<LoadRequest<'_>> = segments
                     .iter()
@@ -345,6 +353,9 @@ impl Flusher {
         }
 
         let delivered_at = now + started.elapsed().as_secs_f64();
+        if !records.is_empty() {
+            fault::hit(fault::Point::AfterDeliver);
+        }
 
         // 6. Precise cleanup of what was delivered.
         let done: Vec<DoneRequest<'_>> = segments
@@ -365,6 +376,12 @@ impl Flusher {
                 }
             })
             .collect();
+        if fault::armed(fault::Point::DuringCleanup) && done.len() > 1 {
+            self.store
+                .finish_segments(&done[..done.len() / 2], &self.token)
+                .await?;
+            fault::crash(fault::Point::DuringCleanup);
+        }
         let replies = self.store.finish_segments(&done, &self.token).await?;
 
         // Accounting: loss is counted by the cleanup that removed the data.

@@ -37,6 +37,7 @@
 pub mod audit;
 pub mod bench;
 pub mod config;
+pub mod fault;
 pub mod flush;
 pub mod gen;
 pub mod http;

@@ -566,6 +566,11 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id (e.g. to SIGSTOP it: an unresponsive broker).
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
     /// The port the broker listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port

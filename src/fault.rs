@@ -1,0 +1,90 @@
+//! Test-only fault points in the flush path, for the crash and slow-sink
+//! tests (issue 6): compiled in only with the `fault-points` feature, which
+//! the crate's own dev-dependency turns on for `cargo test` and which no
+//! release build enables. Without the feature every function here is a
+//! constant no-op and the `SPANBUF_FAULT_*` variables are rejected by the
+//! configuration like any unknown name.
+//!
+//! - `SPANBUF_FAULT_POINT=after_load|after_deliver|during_cleanup`: the
+//!   process SIGKILLs itself at that point of the first flush cycle that has
+//!   loaded at least one segment (`during_cleanup`: after the first half of the
+//!   cycle's segments were cleaned up).
+//! - `SPANBUF_FAULT_DELIVER_DELAY_MS=N`: every delivery waits N ms first (a
+//!   slow broker).
+
+/// Where in a flush cycle a fault can be injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Segments locked and loaded, nothing delivered.
+    AfterLoad,
+    /// Records acknowledged by the sink, nothing cleaned up.
+    AfterDeliver,
+    /// Half of the cycle's segments cleaned up.
+    DuringCleanup,
+}
+
+impl Point {
+    pub fn name(self) -> &'static str {
+        match self {
+            Point::AfterLoad => "after_load",
+            Point::AfterDeliver => "after_deliver",
+            Point::DuringCleanup => "during_cleanup",
+        }
+    }
+}
+
+/// Whether the fault at `point` is armed in this process.
+#[cfg(feature = "fault-points")]
+pub fn armed(point: Point) -> bool {
+    std::env::var("SPANBUF_FAULT_POINT").is_ok_and(|v| v == point.name())
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn armed(_point: Point) -> bool {
+    false
+}
+
+/// SIGKILLs this process (no destructors, no flushes: a crash) if the fault
+/// at `point` is armed.
+pub fn hit(point: Point) {
+    if armed(point) {
+        crash(point);
+    }
+}
+
+/// SIGKILLs this process.
+#[cfg(feature = "fault-points")]
+pub fn crash(point: Point) {
+    tracing::error!(point = point.name(), "fault point: SIGKILL");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort();
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn crash(_point: Point) {}
+
+/// The delay before each delivery, if one is armed.
+#[cfg(feature = "fault-points")]
+pub fn deliver_delay() -> Option<std::time::Duration> {
+    std::env::var("SPANBUF_FAULT_DELIVER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn deliver_delay() -> Option<std::time::Duration> {
+    None
+}
+
+/// Whether `name` is a fault variable this build understands.
+pub fn is_fault_var(name: &str) -> bool {
+    cfg!(feature = "fault-points")
+        && matches!(
+            name,
+            "SPANBUF_FAULT_POINT" | "SPANBUF_FAULT_DELIVER_DELAY_MS"
+        )
+}
