@@ -240,6 +240,21 @@ pub struct KafkaSink {
     /// is waited for.
     message_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Set when the broker refused a delivery in a way no retry of this
+    /// producer instance can fix (see [`unrecoverable`]).
+    unrecoverable: std::sync::Mutex<Option<RDKafkaErrorCode>>,
+}
+
+/// Delivery errors after which this producer instance can never deliver
+/// again: the broker fenced its producer id or epoch. librdkafka does not
+/// always raise them as fatal (an idempotent producer bumps its epoch after a
+/// timeout, and a broker may answer the bump with a fence), so the worker
+/// must restart instead of retrying forever.
+fn unrecoverable(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+    )
 }
 
 impl KafkaSink {
@@ -269,6 +284,7 @@ impl KafkaSink {
             max_message_bytes,
             message_timeout,
             metrics,
+            unrecoverable: std::sync::Mutex::new(None),
         })
     }
 
@@ -379,9 +395,21 @@ impl KafkaSink {
     /// sequence the broker cannot accept): every later delivery fails, so the
     /// process should restart rather than retry.
     pub fn check_fatal(&self) -> Result<(), KafkaError> {
-        match self.producer.client().fatal_error() {
+        if let Some((source, reason)) = self.producer.client().fatal_error() {
+            return Err(KafkaError::Fatal { reason, source });
+        }
+        let fenced = *self
+            .unrecoverable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match fenced {
             None => Ok(()),
-            Some((source, reason)) => Err(KafkaError::Fatal { reason, source }),
+            Some(source) => Err(KafkaError::Fatal {
+                reason: format!(
+                    "the broker answered {source:?}: this producer can no longer deliver"
+                ),
+                source,
+            }),
         }
     }
 
@@ -462,6 +490,7 @@ impl Sink for KafkaSink {
                         }
                     }
                     Err((error, _)) => {
+                        tally.note(&error);
                         tally.fail(Failure::from_kafka(&error, &self.topic));
                         break;
                     }
@@ -475,6 +504,12 @@ impl Sink for KafkaSink {
         }
         while let Some((result, bytes)) = pending.next().await {
             tally.settle(result, bytes, &self.topic);
+        }
+        if let Some(code) = tally.unrecoverable {
+            *self
+                .unrecoverable
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(code);
         }
 
         self.metrics.records_produced_total.inc_by(tally.delivered);
@@ -565,6 +600,8 @@ struct Tally {
     /// Indexed by `FailureKind as usize`.
     failed: [u64; 3],
     first_error: Option<String>,
+    /// An error code no retry of this producer can fix, if one was seen.
+    unrecoverable: Option<RDKafkaErrorCode>,
 }
 
 /// A delivery as awaited: the report, lost, or not in time.
@@ -578,6 +615,13 @@ impl Tally {
             bytes: 0,
             failed: [0; 3],
             first_error: None,
+            unrecoverable: None,
+        }
+    }
+
+    fn note(&mut self, error: &RdKafkaError) {
+        if let Some(code) = error.rdkafka_error_code().filter(|c| unrecoverable(*c)) {
+            self.unrecoverable = Some(code);
         }
     }
 
@@ -592,7 +636,10 @@ impl Tally {
                 self.delivered += 1;
                 self.bytes += bytes;
             }
-            Ok(Ok(Err((error, _)))) => self.fail(Failure::from_kafka(&error, topic)),
+            Ok(Ok(Err((error, _)))) => {
+                self.note(&error);
+                self.fail(Failure::from_kafka(&error, topic));
+            }
             Err(_) => {
                 let timed_out = KafkaError::Produce {
                     topic: topic.to_owned(),

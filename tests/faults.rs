@@ -1,0 +1,315 @@
+//! Faults with real processes (issue 6): a worker SIGKILLed at each phase of a
+//! flush and replaced, the broker unresponsive while segments are due, Redis
+//! restarted with and without persistence. Every test ends with the audit of
+//! the output topic (tests/e2e `Output`): every span delivered under its root,
+//! a duplicate only with the first delivery's flush_id, nothing dropped —
+//! except where the fault destroys data, which must then show in the metrics.
+//!
+//! The crash points are the test-only fault points of `src/fault.rs` (the
+//! `fault-points` feature, on for `cargo test` only).
+
+mod e2e;
+mod support;
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::*;
+use support::{Broker, RedisServer};
+
+/// Short enough that a crashed worker's locks free up quickly.
+const LOCK_TTL: (&str, &str) = ("SPANBUF_FLUSH_LOCK_TTL_SECS", "2");
+
+/// Segments in the flush queues of the four shards.
+fn queued(redis: &RedisServer) -> u64 {
+    let mut conn = redis.connection();
+    (0..4)
+        .map(|shard| {
+            redis::cmd("ZCARD")
+                .arg(format!("span-buf:q:{shard}"))
+                .query::<u64>(&mut conn)
+                .expect("zcard")
+        })
+        .sum()
+}
+
+/// The Redis segment key of a segment of `e2e::spans` (project 1).
+fn segment_key(segment_id: &str) -> String {
+    let n = u64::from_str_radix(segment_id, 16).expect("hex segment id");
+    let trace = format!("{:032x}", 0xabc0_0000 + ((n - 1) >> 8));
+    format!("span-buf:s:{{1:{trace}}}:{segment_id}")
+}
+
+/// Whether the segment is still in some flush queue.
+fn still_queued(redis: &RedisServer, segment_id: &str) -> bool {
+    let mut conn = redis.connection();
+    let key = segment_key(segment_id);
+    (0..4).any(|shard| {
+        redis::cmd("ZSCORE")
+            .arg(format!("span-buf:q:{shard}"))
+            .arg(&key)
+            .query::<Option<f64>>(&mut conn)
+            .expect("zscore")
+            .is_some()
+    })
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+fn assert_nothing_dropped(worker: &Worker) {
+    for reason in ["expired", "unreadable"] {
+        let series = format!("spanbuf_spans_dropped_total{{reason=\"{reason}\"}}");
+        assert_eq!(worker.metric(&series), Some(0.0), "{series}");
+    }
+}
+
+/// What a crash at a fault point left behind, and the audit after a
+/// replacement worker finished the job.
+struct Crash {
+    /// Segments the crashed worker delivered (by segment id).
+    delivered_before: BTreeSet<String>,
+    /// Of those, the ones still in a flush queue after the crash.
+    still_queued_after: usize,
+    /// Output records in total once everything was flushed.
+    records: usize,
+}
+
+/// Worker A crashes at `point` in its first flush cycle with data; worker B
+/// (same group, no fault) takes over and must deliver everything.
+fn crash_at(point: &str) -> Crash {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut a = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_FAULT_POINT", point.into()),
+            (LOCK_TTL.0, LOCK_TTL.1.into()),
+        ],
+    );
+    let (lines, expected) = spans(0);
+    produce(&broker, &lines);
+    let status = a.wait_exit(Duration::from_secs(90));
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{point}: killed at the fault point"
+    );
+
+    let mut output = Output::new(&broker);
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    let delivered_before: BTreeSet<String> =
+        output.spans.values().map(|(seg, _)| seg.clone()).collect();
+    let still_queued_after = delivered_before
+        .iter()
+        .filter(|seg| still_queued(&redis, seg))
+        .count();
+
+    let mut b = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            (LOCK_TTL.0, LOCK_TTL.1.into()),
+        ],
+    );
+    output.read_until(&expected, 0, Duration::from_secs(90));
+    wait_for("every queue empty", Duration::from_secs(60), || {
+        queued(&redis) == 0
+    });
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    assert_eq!(
+        output.claimed(),
+        expected,
+        "{point}: every span under its root"
+    );
+    assert_nothing_dropped(&b);
+    let (code, stderr) = b.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    Crash {
+        delivered_before,
+        still_queued_after,
+        records: output.records,
+    }
+}
+
+/// Killed after locking and loading: nothing was delivered, nothing deleted;
+/// the locks expire and the next worker delivers every segment once.
+#[test]
+fn sigkill_after_load() {
+    let crash = crash_at("after_load");
+    assert!(crash.delivered_before.is_empty());
+    assert_eq!(crash.records, 100, "each of the 100 segments once");
+}
+
+/// Killed after the broker acknowledged, before cleanup: everything delivered
+/// is still in Redis and is delivered again, with the same flush_id.
+#[test]
+fn sigkill_after_deliver_before_cleanup() {
+    let crash = crash_at("after_deliver");
+    assert!(!crash.delivered_before.is_empty());
+    assert_eq!(
+        crash.still_queued_after,
+        crash.delivered_before.len(),
+        "nothing was cleaned up"
+    );
+    assert_eq!(
+        crash.records,
+        100 + crash.delivered_before.len(),
+        "the delivered segments came again (same flush_id, checked per span)"
+    );
+}
+
+/// Killed halfway through cleanup: the cleaned half is gone from Redis, the
+/// other half is delivered again with the same flush_id.
+#[test]
+fn sigkill_during_cleanup() {
+    let crash = crash_at("during_cleanup");
+    let delivered = crash.delivered_before.len();
+    assert!(delivered >= 2, "a cycle of at least two segments");
+    assert_eq!(
+        crash.still_queued_after,
+        delivered - delivered / 2,
+        "the first half was cleaned up"
+    );
+    assert_eq!(crash.records, 100 + crash.still_queued_after);
+}
+
+/// The broker stops answering while segments are due: deliveries time out,
+/// the segments stay in Redis, and once the broker is back everything is
+/// delivered; the worker never stops.
+#[test]
+fn broker_unresponsive_during_produce_then_back() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "3".into()),
+            ("SPANBUF_TIMEOUT_SECS", "5".into()),
+            // The group session must outlive the outage: a consumer whose
+            // session expires loses its partitions, and with them the right to
+            // flush their queues (the segments then wait for the rejoin).
+            (
+                "SPANBUF_KAFKA_CONSUMER_PROP_SESSION_TIMEOUT_MS",
+                "30000".into(),
+            ),
+            (
+                "SPANBUF_KAFKA_CONSUMER_PROP_HEARTBEAT_INTERVAL_MS",
+                "3000".into(),
+            ),
+            // Give up on an unresponsive broker quickly (in-flight requests
+            // are only timed out by the request and socket timeouts).
+            (
+                "SPANBUF_KAFKA_PRODUCER_PROP_MESSAGE_TIMEOUT_MS",
+                "3000".into(),
+            ),
+            (
+                "SPANBUF_KAFKA_PRODUCER_PROP_REQUEST_TIMEOUT_MS",
+                "1500".into(),
+            ),
+            (
+                "SPANBUF_KAFKA_PRODUCER_PROP_SOCKET_TIMEOUT_MS",
+                "2000".into(),
+            ),
+        ],
+    );
+    let (lines, expected) = spans(0);
+    produce(&broker, &lines);
+    wait_for("all spans in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
+    });
+    send_signal(broker.pid(), "-STOP");
+    let failures = || {
+        worker
+            .metric("spanbuf_flush_failures_total{stage=\"sink\"}")
+            .unwrap_or(0.0)
+    };
+    wait_for("failed deliveries", Duration::from_secs(60), || {
+        failures() >= 2.0
+    });
+    assert!(queued(&redis) > 0, "undelivered segments stay buffered");
+    assert_eq!(
+        worker.get("/health").map(|(status, _)| status),
+        Some(200),
+        "the worker keeps running"
+    );
+    send_signal(broker.pid(), "-CONT");
+
+    // Back. An idempotent producer whose messages timed out bumps its epoch;
+    // a broker that answers the bump with a fence (tansu does) leaves this
+    // producer unable to deliver ever again: the worker must then exit
+    // non-zero for its supervisor to restart it, not retry forever.
+    let mut output = Output::new(&broker);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut worker = loop {
+        if queued(&redis) == 0 {
+            break worker;
+        }
+        if let Ok(Some(status)) = worker.child.try_wait() {
+            let (_, stderr) = worker.terminate();
+            assert_eq!(status.code(), Some(1), "{stderr}");
+            assert!(stderr.contains("can no longer deliver"), "{stderr}");
+            assert!(queued(&redis) > 0, "nothing was cleaned up undelivered");
+            break Worker::start_with(&broker, &[("SPANBUF_REDIS_URL", redis.url())]);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither recovered nor exited"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    output.read_until(&expected, 0, Duration::from_secs(120));
+    wait_for("every queue empty", Duration::from_secs(60), || {
+        queued(&redis) == 0
+    });
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    assert_eq!(output.claimed(), expected);
+    assert_nothing_dropped(&worker);
+    let (code, stderr) = worker.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// Redis with an fsync'ed append-only file crashes (SIGKILL) while spans are
+/// buffered: after the restart nothing is lost.
+#[test]
+fn redis_crash_with_aof_loses_nothing() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            // Still buffered when Redis goes down.
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "5".into()),
+            ("SPANBUF_TIMEOUT_SECS", "8".into()),
+        ],
+    );
+    let (lines, expected) = spans(0);
+    produce(&broker, &lines);
+    wait_for("all spans in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
+    });
+    assert!(queued(&redis) > 0, "buffered, not yet flushed");
+    redis.restart();
+    assert!(queued(&redis) > 0, "the AOF brought the buffer back");
+
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(90));
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    assert_eq!(output.claimed(), expected);
+    assert_nothing_dropped(&worker);
+    let (code, stderr) = worker.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+}
