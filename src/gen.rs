@@ -140,7 +140,9 @@ pub fn generate(spec: &GenSpec, mut emit: impl FnMut(&[u8])) -> GenSummary {
                 let late = i > 0 && rng.random_bool(spec.late_fraction.clamp(0.0, 1.0));
                 summary.late += usize::from(late);
                 // Serializing a Value built above cannot fail (string keys only).
-                let json = serde_json::to_vec(&value).unwrap_or_default().into_boxed_slice();
+                let json = serde_json::to_vec(&value)
+                    .unwrap_or_default()
+                    .into_boxed_slice();
                 stream.push(Pending { json, late });
                 spans.push((span_id, level));
             }
