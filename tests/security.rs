@@ -10,6 +10,8 @@
 mod e2e;
 mod support;
 
+use support::spanbuf;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -30,17 +32,6 @@ const WRONG_PASSWORD: &str = "s3cr3t-PW-9999";
 /// A Kafka SASL password passed through to librdkafka.
 const KAFKA_PASSWORD: &str = "s3cr3t-PW-kafka-7777";
 
-fn spanbuf(args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spanbuf"));
-    cmd.args(args).env_clear();
-    if let Ok(path) = std::env::var("PATH") {
-        cmd.env("PATH", path);
-    }
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("spanbuf runs")
-}
 
 /// `(name, value)` pairs as `spanbuf` takes them.
 fn borrowed<'a>(vars: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {

@@ -914,3 +914,26 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+// ---------------------------------------------------------------------------
+// The spanbuf binary
+// ---------------------------------------------------------------------------
+
+/// Runs the `spanbuf` binary under test with `args` and only `vars` (plus
+/// `PATH`) in its environment, and waits for it.
+pub fn spanbuf(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spanbuf"));
+    cmd.args(args).env_clear();
+    if let Ok(path) = env::var("PATH") {
+        cmd.env("PATH", path);
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spanbuf runs")
+}
+
+/// Process output as text (lossy).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
