@@ -264,6 +264,49 @@ async fn memory_ratio(store: &Store) -> Result<Option<f64>, StoreError> {
         .reduce(f64::max))
 }
 
+/// Watches the data-loss marker: a key spanbuf keeps in Redis (with the
+/// buffer's TTL, refreshed every check). If it vanishes, or another process
+/// had to create it anew, Redis lost what it held — restarted without
+/// persistence, flushed, or evicted keys — and the spans buffered there are
+/// gone. Nothing can recover them; this makes the loss visible
+/// (`spanbuf_redis_data_loss_total` and an error log) instead of silent.
+/// Standalone Redis: exact. Redis Cluster: the marker lives on one primary,
+/// so only a loss on that node is seen.
+struct DataLossMarker {
+    token: String,
+    /// The value last seen; `None` before the first successful check.
+    seen: Option<String>,
+}
+
+impl DataLossMarker {
+    fn new() -> Self {
+        Self {
+            token: format!("{:032x}", rand::random::<u128>()),
+            seen: None,
+        }
+    }
+
+    async fn check(&mut self, shared: &Shared) {
+        let ttl = shared.config.redis.ttl_secs;
+        let (created, value) = match shared.store.touch_marker(&self.token, ttl).await {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::warn!(error = %err, "checking the data-loss marker");
+                return;
+            }
+        };
+        if let Some(seen) = &self.seen {
+            if created || *seen != value {
+                shared.metrics.redis_data_loss_total.inc();
+                tracing::error!(
+                    "redis lost the buffer (the marker key was gone): spans buffered before are lost; is persistence (AOF) on, and maxmemory-policy noeviction?"
+                );
+            }
+        }
+        self.seen = Some(value);
+    }
+}
+
 /// Health owns the `spanbuf_backpressure_active` gauge (exported per scrape).
 fn set_backpressure(shared: &Shared, reason: &'static str, active: bool) {
     shared.health.set_backpressure(reason, active);
@@ -286,6 +329,7 @@ async fn consume_loop(
     let mut paused_for: Option<&'static str> = None;
     let mut memory: Option<f64> = None;
     let mut memory_checked = Instant::now() - MEMORY_CHECK_EVERY;
+    let mut marker = DataLossMarker::new();
 
     while !stop.is_cancelled() {
         shared.health.progress("consume");
@@ -300,6 +344,7 @@ async fn consume_loop(
                 Ok(ratio) => memory = ratio,
                 Err(err) => tracing::warn!(error = %err, "reading redis memory"),
             }
+            marker.check(&shared).await;
         }
         let reason = pause_reason(&shared, memory);
         if reason != paused_for {

@@ -310,6 +310,59 @@ fn redis_crash_with_aof_loses_nothing() {
     output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
     assert_eq!(output.claimed(), expected);
     assert_nothing_dropped(&worker);
+    assert_eq!(
+        worker.metric("spanbuf_redis_data_loss_total"),
+        Some(0.0),
+        "the AOF kept the marker: no loss reported"
+    );
     let (code, stderr) = worker.terminate();
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// Redis without persistence crashes while spans are buffered: they are gone,
+/// and nothing can bring them back, but the loss must be visible — the
+/// worker counts it and logs it — and the worker goes on with new spans.
+#[test]
+fn redis_crash_without_persistence_makes_the_loss_visible() {
+    let mut redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "5".into()),
+            ("SPANBUF_TIMEOUT_SECS", "8".into()),
+        ],
+    );
+    let loss = |w: &Worker| w.metric("spanbuf_redis_data_loss_total");
+    let (lines, _) = spans(0);
+    produce(&broker, &lines);
+    wait_for("all spans in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
+    });
+    assert_eq!(loss(&worker), Some(0.0));
+    redis.restart();
+    wait_for("the loss counted", Duration::from_secs(30), || {
+        loss(&worker) == Some(1.0)
+    });
+
+    // The worker goes on: new spans are delivered, and the old loss is
+    // counted once, not again at every check.
+    let (more, expected) = spans(1000);
+    produce(&broker, &more);
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(90));
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    assert_eq!(output.claimed(), expected, "only the new spans came out");
+    assert_eq!(loss(&worker), Some(1.0));
+    // Conservation shows the gap: 1600 consumed, 800 flushed, none dropped
+    // or buffered; the 800 missing are the loss the counter reported.
+    assert_eq!(worker.metric("spanbuf_spans_consumed_total"), Some(1600.0));
+    assert_eq!(worker.metric("spanbuf_spans_flushed_total"), Some(800.0));
+    assert_nothing_dropped(&worker);
+    assert_eq!(queued(&redis), 0);
+    let (code, stderr) = worker.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("redis lost the buffer"), "{stderr}");
 }

@@ -96,6 +96,12 @@ impl Keys {
         self.meta("cut", segment_key)
     }
 
+    /// spanbuf's own: the marker whose disappearance tells that Redis lost
+    /// its data (restarted without persistence, flushed, or evicting).
+    pub fn marker(&self) -> String {
+        format!("{}:marker", self.prefix)
+    }
+
     /// Flush queue of one shard: `P:q:shard`, or `P:q:slice-shard` with a slice id.
     pub fn queue(&self, shard: u32) -> String {
         match self.slice_id {

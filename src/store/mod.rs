@@ -238,6 +238,37 @@ impl Store {
             .collect())
     }
 
+    /// Keeps the data-loss marker (DESIGN §6, spanbuf's own): sets it to
+    /// `token` if it is missing, refreshes its TTL, and returns whether it was
+    /// created now and the value it holds. One round trip.
+    pub async fn touch_marker(
+        &self,
+        token: &str,
+        ttl_secs: u64,
+    ) -> Result<(bool, String), StoreError> {
+        let key = self.keys.marker();
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(token).arg("NX").arg("EX").arg(ttl_secs);
+        let mut get = redis::cmd("GETEX");
+        get.arg(&key).arg("EX").arg(ttl_secs);
+        let replies = self
+            .exec(
+                "data-loss marker",
+                &[Op::new(key.clone(), set), Op::new(key, get)],
+            )
+            .await?;
+        let created = matches!(replies.first(), Some(Value::Okay));
+        let value = replies
+            .get(1)
+            .cloned()
+            .and_then(value_text)
+            .ok_or_else(|| StoreError::UnexpectedReply {
+                operation: "data-loss marker",
+                detail: format!("{replies:?}"),
+            })?;
+        Ok((created, value))
+    }
+
     /// `SCRIPT LOAD` of every script; checks the returned SHA matches ours.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         for script in self.scripts.all() {
