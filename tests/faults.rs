@@ -366,3 +366,93 @@ fn redis_crash_without_persistence_makes_the_loss_visible() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("redis lost the buffer"), "{stderr}");
 }
+
+/// Workers join and leave (SIGTERM) while spans keep coming: every
+/// rebalance hands queues over, and every span is still delivered once
+/// under its root.
+#[test]
+fn repeated_rebalances_while_spans_flow() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let start = || Worker::start_with(&broker, &[("SPANBUF_REDIS_URL", redis.url())]);
+    let mut expected = std::collections::BTreeMap::new();
+    let mut wave = |n: u64| {
+        let (lines, more) = spans(n * 1000);
+        produce(&broker, &lines);
+        expected.extend(more);
+    };
+    let held = |w: &Worker| w.metric("spanbuf_assigned_partitions").unwrap_or(0.0);
+
+    let mut a = start();
+    wave(0);
+    let mut b = start();
+    wait_for("a and b share the partitions", Duration::from_secs(60), || {
+        held(&a) >= 1.0 && held(&b) >= 1.0
+    });
+    wave(1);
+    let (code, stderr) = a.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    wave(2);
+    let mut c = start();
+    wait_for("b and c share the partitions", Duration::from_secs(60), || {
+        held(&b) >= 1.0 && held(&c) >= 1.0
+    });
+    wave(3);
+    let (code, stderr) = b.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+    wave(4);
+    let mut d = start();
+    wave(5);
+
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(120));
+    wait_for("every queue empty", Duration::from_secs(60), || {
+        queued(&redis) == 0
+    });
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    assert_eq!(output.claimed(), expected, "4800 spans, each under its root");
+    for w in [&c, &d] {
+        assert_nothing_dropped(w);
+    }
+    for w in [&mut c, &mut d] {
+        let (code, stderr) = w.terminate();
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+}
+
+/// A Redis Cluster primary (AOF on) crashes and restarts while spans flow:
+/// the worker rides over it (retrying, never committing what Redis did not
+/// acknowledge) and every span is delivered.
+#[test]
+fn redis_cluster_node_restart_under_load() {
+    let mut cluster =
+        support::RedisCluster::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[("SPANBUF_REDIS_CLUSTER_URLS", cluster.urls().join(","))],
+    );
+    let (first, mut expected) = spans(0);
+    produce(&broker, &first);
+    wait_for("the first wave in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") >= Some(400.0)
+    });
+    let (second, more) = spans(1000);
+    expected.extend(more);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(|| produce(&broker, &second));
+        cluster.nodes_mut()[1].restart();
+        cluster.wait_ready(Duration::from_secs(60));
+        producer.join().expect("producer thread");
+    });
+
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(120));
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    assert_eq!(output.claimed(), expected);
+    assert_nothing_dropped(&worker);
+    let (code, stderr) = worker.terminate();
+    assert_eq!(code, Some(0), "{stderr}");
+}

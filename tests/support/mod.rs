@@ -115,8 +115,8 @@ impl RedisServer {
     }
 
     /// Starts a cluster-enabled node (not yet part of any cluster).
-    fn start_cluster_node() -> RedisServer {
-        let extra_args = [
+    fn start_cluster_node(extra: &[&str]) -> RedisServer {
+        let args = [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -124,7 +124,10 @@ impl RedisServer {
             "--cluster-node-timeout",
             "5000",
         ];
-        RedisServer::launch(extra_args.iter().map(|s| s.to_string()).collect(), true)
+        RedisServer::launch(
+            args.iter().chain(extra).map(|s| s.to_string()).collect(),
+            true,
+        )
     }
 
     fn launch(extra_args: Vec<String>, cluster_node: bool) -> RedisServer {
@@ -316,9 +319,15 @@ impl RedisCluster {
     /// create`, and waits until every node reports all slots served and agrees on
     /// the slot map.
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with(&[])
+    }
+
+    /// [`RedisCluster::start`] with extra `redis-server` arguments on every
+    /// node (e.g. `--appendonly yes`).
+    pub fn start_with(extra: &[&str]) -> RedisCluster {
         let redis_cli = require_binary("redis-cli");
         let nodes: Vec<RedisServer> = (0..CLUSTER_MASTERS)
-            .map(|_| RedisServer::start_cluster_node())
+            .map(|_| RedisServer::start_cluster_node(extra))
             .collect();
         let cluster = RedisCluster { nodes };
 
