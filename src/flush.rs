@@ -163,6 +163,39 @@ impl Flusher {
         }
     }
 
+    /// Runs `delivery` while extending the held locks every third of their
+    /// TTL, so a delivery slower than the TTL keeps its segments (see
+    /// `lua/lock_refresh.lua`). A failed refresh is logged; the delivery goes
+    /// on either way (its records are already on their way).
+    async fn refreshing_locks<T>(
+        &self,
+        held: &[LoadRequest<'_>],
+        delivery: impl std::future::Future<Output = T>,
+    ) -> T {
+        let ttl_ms = self.settings.lock_ttl_ms;
+        if ttl_ms == 0 || held.is_empty() {
+            return delivery.await;
+        }
+        let every = std::time::Duration::from_millis((ttl_ms / 3).max(1));
+        tokio::pin!(delivery);
+        loop {
+            tokio::select! {
+                out = &mut delivery => return out,
+                () = tokio::time::sleep(every) => {
+                    match self.store.refresh_locks(held, &self.token, ttl_ms).await {
+                        Ok(kept) => {
+                            self.metrics.flush_lock_refreshes_total.inc();
+                            if kept < held.len() {
+                                tracing::warn!(lost = held.len() - kept, "flush locks expired during a delivery; another flusher may deliver those segments again (same flush id unless they changed)");
+                            }
+                        }
+                        Err(err) => tracing::warn!(error = %err, "refreshing flush locks"),
+                    }
+                }
+            }
+        }
+    }
+
     async fn cycle<S: Sink>(
         &self,
         shards: &[u32],
@@ -331,17 +364,21 @@ impl Flusher {
         // 5. Deliver; on failure nothing is cleaned up, locks are released so
         // a later cycle can retry at once.
         if !records.is_empty() {
-            if let Some(delay) = fault::deliver_delay() {
-                tokio::time::sleep(delay).await;
-            }
-            if let Err(source) = sink.deliver(&records).await {
-                let held: Vec<LoadRequest<'_>> = segments
-                    .iter()
-                    .map(|s| LoadRequest {
-                        pt: candidates[s.candidate].pt.clone(),
-                        root: &candidates[s.candidate].root,
-                    })
-                    .collect();
+            let held: Vec<LoadRequest<'_>> = segments
+                .iter()
+                .map(|s| LoadRequest {
+                    pt: candidates[s.candidate].pt.clone(),
+                    root: &candidates[s.candidate].root,
+                })
+                .collect();
+            let delivery = async {
+                if let Some(delay) = fault::deliver_delay() {
+                    tokio::time::sleep(delay).await;
+                }
+                sink.deliver(&records).await
+            };
+            let delivered = self.refreshing_locks(&held, delivery).await;
+            if let Err(source) = delivered {
                 if let Err(err) = self.store.release_locks(&held, &self.token).await {
                     tracing::warn!(error = %err, "releasing flush locks after a failed delivery; they expire by TTL");
                 }

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub backpressure_active: IntGaugeVec,
     /// Times consumption was paused, by reason.
     pub backpressure_pauses_total: IntCounterVec,
+    /// Flush-lock refreshes during slow deliveries (one per refresh round).
+    pub flush_lock_refreshes_total: IntCounter,
     /// Times this process found Redis had lost the buffer (the marker key gone or replaced).
     pub redis_data_loss_total: IntCounter,
     /// Records produced to the output topic and acknowledged by the broker.
@@ -212,6 +214,7 @@ impl Metrics {
             loop_stall_seconds: gauge_vec(&r, "spanbuf_loop_stall_seconds", "Seconds since a loop last completed a cycle, by loop (consume, flush).", "loop")?,
             backpressure_active: int_gauge_vec(&r, "spanbuf_backpressure_active", "1 while consumption is paused, by reason (flush_lag = soft, redis_memory = hard, redis_down).", "reason")?,
             backpressure_pauses_total: counter_vec(&r, "spanbuf_backpressure_pauses_total", "Times consumption was paused, by reason.", "reason")?,
+            flush_lock_refreshes_total: counter(&r, "spanbuf_flush_lock_refreshes_total", "Flush-lock refreshes during slow deliveries (one per refresh round).")?,
             redis_data_loss_total: counter(&r, "spanbuf_redis_data_loss_total", "Times this process found Redis had lost the buffer (the marker key gone or replaced).")?,
             records_produced_total: counter(&r, "spanbuf_records_produced_total", "Records produced to the output topic and acknowledged by the broker.")?,
             produced_bytes_total: counter(&r, "spanbuf_produced_bytes_total", "Bytes of records acknowledged by the broker.")?,

@@ -387,17 +387,21 @@ fn repeated_rebalances_while_spans_flow() {
     let mut a = start();
     wave(0);
     let mut b = start();
-    wait_for("a and b share the partitions", Duration::from_secs(60), || {
-        held(&a) >= 1.0 && held(&b) >= 1.0
-    });
+    wait_for(
+        "a and b share the partitions",
+        Duration::from_secs(60),
+        || held(&a) >= 1.0 && held(&b) >= 1.0,
+    );
     wave(1);
     let (code, stderr) = a.terminate();
     assert_eq!(code, Some(0), "{stderr}");
     wave(2);
     let mut c = start();
-    wait_for("b and c share the partitions", Duration::from_secs(60), || {
-        held(&b) >= 1.0 && held(&c) >= 1.0
-    });
+    wait_for(
+        "b and c share the partitions",
+        Duration::from_secs(60),
+        || held(&b) >= 1.0 && held(&c) >= 1.0,
+    );
     wave(3);
     let (code, stderr) = b.terminate();
     assert_eq!(code, Some(0), "{stderr}");
@@ -411,7 +415,11 @@ fn repeated_rebalances_while_spans_flow() {
         queued(&redis) == 0
     });
     output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(output.claimed(), expected, "4800 spans, each under its root");
+    assert_eq!(
+        output.claimed(),
+        expected,
+        "4800 spans, each under its root"
+    );
     for w in [&c, &d] {
         assert_nothing_dropped(w);
     }
@@ -455,4 +463,62 @@ fn redis_cluster_node_restart_under_load() {
     assert_nothing_dropped(&worker);
     let (code, stderr) = worker.terminate();
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// A delivery slower than the flush-lock TTL: the holder keeps extending
+/// its locks while it waits for the broker, so a second flusher racing for
+/// the same queues (a worker of another consumer group, which reads the same
+/// input) never takes a segment mid-delivery: every segment is delivered
+/// exactly once. Without the refresh the second flusher delivers them again.
+#[test]
+fn slow_delivery_keeps_its_locks() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let common = [
+        ("SPANBUF_REDIS_URL", redis.url()),
+        ("SPANBUF_FLUSH_LOCK_TTL_SECS", "1".to_string()),
+    ];
+    let mut slow_vars = common.to_vec();
+    slow_vars.push(("SPANBUF_FAULT_DELIVER_DELAY_MS", "6000".into()));
+    let mut slow = Worker::start_with(&broker, &slow_vars);
+    let (lines, expected) = spans(0);
+    produce(&broker, &lines);
+    let mut conn = redis.connection();
+    wait_for(
+        "the slow delivery under way",
+        Duration::from_secs(60),
+        || {
+            let locks: Vec<String> = redis::cmd("KEYS")
+                .arg("span-buf:fl:*")
+                .query(&mut conn)
+                .expect("keys");
+            !locks.is_empty()
+        },
+    );
+    // The other group reads the same input (idempotently: every subsegment is
+    // already indexed) and flushes the same queues while the locks are held.
+    let mut fast_vars = common.to_vec();
+    fast_vars.push(("SPANBUF_CONSUMER_GROUP", "spanbuf-other".into()));
+    let mut fast = Worker::start_with(&broker, &fast_vars);
+
+    let mut output = Output::new(&broker);
+    output.read_until(&expected, 0, Duration::from_secs(120));
+    wait_for(
+        "the other group read the input",
+        Duration::from_secs(60),
+        || fast.metric("spanbuf_messages_consumed_total") == Some(800.0),
+    );
+    wait_for("every queue empty", Duration::from_secs(60), || {
+        queued(&redis) == 0
+    });
+    output.read_quiet(Duration::from_secs(4), Duration::from_secs(30));
+    assert_eq!(output.claimed(), expected);
+    assert_eq!(output.records, 100, "each segment delivered exactly once");
+    assert!(slow.metric("spanbuf_flush_lock_refreshes_total") >= Some(3.0));
+    for w in [&mut slow, &mut fast] {
+        assert_nothing_dropped(w);
+        let (code, stderr) = w.terminate();
+        assert_eq!(code, Some(0), "{stderr}");
+    }
 }

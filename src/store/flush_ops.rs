@@ -216,6 +216,32 @@ impl Store {
 
     /// Releases the locks this flusher holds on `segments` and touches
     /// nothing else (`flush_done` with no salts): used when delivery failed.
+    /// Extends the locks this flusher still holds (one `lock_refresh` call
+    /// each, one round trip); returns how many were still ours.
+    pub async fn refresh_locks(
+        &self,
+        segments: &[LoadRequest<'_>],
+        token: &str,
+        lock_ttl_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let ops: Vec<Op> = segments
+            .iter()
+            .map(|s| {
+                let mut call = self.scripts.lock_refresh.call(&s.pt);
+                call.arg(self.keys().prefix())
+                    .arg(s.root)
+                    .arg(token)
+                    .arg(lock_ttl_ms);
+                Op::new(s.pt.clone(), call)
+            })
+            .collect();
+        let replies = self.exec("refresh flush locks", &ops).await?;
+        Ok(replies
+            .iter()
+            .filter(|v| matches!(v, Value::Int(1)))
+            .count())
+    }
+
     pub async fn release_locks(
         &self,
         segments: &[LoadRequest<'_>],

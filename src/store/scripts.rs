@@ -53,6 +53,8 @@ pub struct Scripts {
     pub flush_done: LuaScript,
     /// `lua/queue_remove.lua`: drop queue entries whose deadline is unchanged.
     pub queue_remove: LuaScript,
+    /// `lua/lock_refresh.lua`: extend flush locks still held during a delivery.
+    pub lock_refresh: LuaScript,
 }
 
 impl Scripts {
@@ -65,15 +67,20 @@ impl Scripts {
                 "queue_remove",
                 include_str!("../../lua/queue_remove.lua"),
             ),
+            lock_refresh: LuaScript::new(
+                "lock_refresh",
+                include_str!("../../lua/lock_refresh.lua"),
+            ),
         }
     }
 
-    pub fn all(&self) -> [&LuaScript; 4] {
+    pub fn all(&self) -> [&LuaScript; 5] {
         [
             &self.add_buffer,
             &self.flush_load,
             &self.flush_done,
             &self.queue_remove,
+            &self.lock_refresh,
         ]
     }
 }
