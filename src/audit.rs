@@ -38,6 +38,73 @@ pub struct AuditReport {
     pub unexpected: usize,
     /// Up to 10 examples per problem, for a human.
     pub examples: BTreeMap<String, Vec<String>>,
+    /// The metrics' conservation, when metrics were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conservation: Option<Conservation>,
+}
+
+/// consumed = flushed + duplicate + dropped + buffered, from the workers'
+/// counters (summed over every `/metrics` text given) and the spans still
+/// buffered in Redis. Holds across restarts only if no process died in
+/// between: a killed process takes its counters with it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Conservation {
+    pub consumed: u64,
+    pub flushed: u64,
+    pub duplicate: u64,
+    pub dropped: u64,
+    pub buffered: u64,
+    /// `consumed - flushed - duplicate - dropped - buffered`: spans lost
+    /// without a reason (positive) or delivered more than once (negative).
+    pub unaccounted: i64,
+    /// Times a worker found Redis had lost the buffer; when non-zero, the
+    /// unaccounted spans are that loss.
+    pub redis_data_loss: u64,
+}
+
+impl Conservation {
+    /// From Prometheus text expositions and the spans buffered in Redis.
+    pub fn from_metrics(texts: &[String], buffered: u64) -> Conservation {
+        let sum = |name: &str| -> u64 {
+            texts
+                .iter()
+                .map(|t| metric_sum(t, name))
+                .sum::<f64>()
+                .round() as u64
+        };
+        let mut c = Conservation {
+            consumed: sum("spanbuf_spans_consumed_total"),
+            flushed: sum("spanbuf_spans_flushed_total"),
+            duplicate: sum("spanbuf_spans_duplicate_total"),
+            dropped: sum("spanbuf_spans_dropped_total"),
+            buffered,
+            unaccounted: 0,
+            redis_data_loss: sum("spanbuf_redis_data_loss_total"),
+        };
+        let out = c.flushed + c.duplicate + c.dropped + c.buffered;
+        c.unaccounted =
+            i64::try_from(c.consumed).unwrap_or(i64::MAX) - i64::try_from(out).unwrap_or(i64::MAX);
+        c
+    }
+
+    pub fn is_balanced(&self) -> bool {
+        self.unaccounted == 0
+    }
+}
+
+/// The sum of every series of `name` (any labels) in a text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
 }
 
 impl AuditReport {
@@ -46,6 +113,10 @@ impl AuditReport {
             && self.duplicated_with_other_flush_id == 0
             && self.wrong_root == 0
             && self.unexpected == 0
+            && self
+                .conservation
+                .as_ref()
+                .is_none_or(Conservation::is_balanced)
     }
 
     fn example(&mut self, problem: &str, key: &SpanKey) {
@@ -155,6 +226,23 @@ pub fn audit(spans: &[Span], records: &[FlushedSegment]) -> AuditReport {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn conservation_sums_series_over_processes() {
+        let a = "# HELP x\nspanbuf_spans_consumed_total 100\nspanbuf_spans_flushed_total 70\nspanbuf_spans_dropped_total{reason=\"expired\"} 3\nspanbuf_spans_dropped_total{reason=\"unreadable\"} 2\nspanbuf_spans_consumed_totalx 9\n".to_string();
+        let b = "spanbuf_spans_consumed_total 50\nspanbuf_spans_flushed_total 60\nspanbuf_spans_duplicate_total 1\n".to_string();
+        let c = Conservation::from_metrics(&[a.clone(), b.clone()], 14);
+        assert_eq!(
+            (c.consumed, c.flushed, c.duplicate, c.dropped),
+            (150, 130, 1, 5)
+        );
+        assert_eq!(c.unaccounted, 0);
+        assert!(c.is_balanced());
+        let short = Conservation::from_metrics(&[a, b], 4);
+        assert_eq!(short.unaccounted, 10);
+        assert!(!short.is_balanced());
+    }
+
     use super::*;
     use crate::span::record::{build_records, SegmentPayloads};
 

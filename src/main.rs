@@ -133,6 +133,11 @@ struct AuditArgs {
     /// With --records-topic: stop after this many seconds without a new record.
     #[arg(long, default_value_t = 5)]
     idle_secs: u64,
+    /// A worker's /metrics text (e.g. `curl -s host:9102/metrics > m1.txt`);
+    /// repeatable, one per worker. Adds the conservation check: consumed =
+    /// flushed + duplicate + dropped + buffered (read from Redis).
+    #[arg(long, value_name = "FILE")]
+    metrics: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -341,7 +346,30 @@ fn audit(config: &Config, args: AuditArgs) -> anyhow::Result<bool> {
             records.push(decode(&payload)?);
         }
     }
-    let report = spanbuf::audit::audit(&spans, &records);
+    let mut report = spanbuf::audit::audit(&spans, &records);
+    if !args.metrics.is_empty() {
+        let mut texts = Vec::new();
+        for path in &args.metrics {
+            texts.push(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+            );
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let buffered = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(spanbuf::inspect::inspect(
+                config,
+                now,
+                spanbuf::inspect::DEFAULT_MAX_KEYS,
+            ))?
+            .totals
+            .spans_buffered;
+        report.conservation = Some(spanbuf::audit::Conservation::from_metrics(&texts, buffered));
+    }
     println!("{}", serde_json::to_string(&report)?);
     Ok(report.is_clean())
 }
