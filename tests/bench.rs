@@ -9,8 +9,6 @@ use support::{spanbuf, text};
 
 use std::path::Path;
 
-
-
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }

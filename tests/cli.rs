@@ -5,9 +5,6 @@ mod support;
 
 use support::{spanbuf, text};
 
-
-
-
 #[test]
 fn config_prints_the_effective_configuration() {
     let out = spanbuf(

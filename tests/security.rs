@@ -32,7 +32,6 @@ const WRONG_PASSWORD: &str = "s3cr3t-PW-9999";
 /// A Kafka SASL password passed through to librdkafka.
 const KAFKA_PASSWORD: &str = "s3cr3t-PW-kafka-7777";
 
-
 /// `(name, value)` pairs as `spanbuf` takes them.
 fn borrowed<'a>(vars: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
     vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
