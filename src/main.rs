@@ -227,7 +227,7 @@ fn main() -> ExitCode {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(err) => {
-                eprintln!("spanbuf: {err:#}");
+                eprintln!("spanbuf: {}", report(&err));
                 ExitCode::from(1)
             }
         },
@@ -235,14 +235,14 @@ fn main() -> ExitCode {
         Command::Bench(args) => match bench(&config, args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("spanbuf: {err:#}");
+                eprintln!("spanbuf: {}", report(&err));
                 ExitCode::from(1)
             }
         },
         Command::Gen(args) => match gen(&config, args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("spanbuf: {err:#}");
+                eprintln!("spanbuf: {}", report(&err));
                 ExitCode::from(1)
             }
         },
@@ -526,6 +526,24 @@ fn bench(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The error and its causes, `a: b: c`, skipping a cause whose text the
+/// message before it already shows (many errors here print their source in
+/// their own message, so `{:#}` would repeat it).
+fn report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -540,7 +558,7 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("spanbuf: {err:#}");
+            eprintln!("spanbuf: {}", report(&err));
             ExitCode::from(1)
         }
     }
