@@ -170,7 +170,7 @@ impl Store {
             let mut conn = pool
                 .get()
                 .await
-                .map_err(|e| StoreError::Connection(e.to_string()))?;
+                .map_err(super::pool_error)?;
             conn.route_command(
                 redis::cmd("DBSIZE"),
                 RoutingInfo::MultiNode((
@@ -343,14 +343,14 @@ impl Store {
                     let mut conn = pool
                         .get()
                         .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))?;
+                        .map_err(super::pool_error)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
                 (Backend::Cluster(pool), Some((host, port))) => {
                     let mut conn = pool
                         .get()
                         .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))?;
+                        .map_err(super::pool_error)?;
                     let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                         host: host.clone(),
                         port: *port,

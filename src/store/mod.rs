@@ -52,6 +52,10 @@ pub enum StoreError {
     },
     #[error("redis: cannot get a connection from the pool: {0}")]
     Connection(String),
+    /// Redis refused the credentials or their rights: a retry cannot cure
+    /// it, the configuration must change.
+    #[error("redis: refused the credentials: {0}")]
+    Refused(String),
     #[error("redis: {operation} failed: {source}")]
     Redis {
         operation: &'static str,
@@ -104,10 +108,24 @@ impl StoreError {
             .iter()
             .any(|code| message.starts_with(code)),
             StoreError::Pool { .. }
+            | StoreError::Refused(_)
             | StoreError::ScriptLoad { .. }
             | StoreError::UnexpectedReply { .. } => false,
         }
     }
+}
+
+/// A failure to get a pooled connection: refused credentials are not
+/// transient (a wrong password or a missing ACL right), anything else is.
+pub(crate) fn pool_error(e: deadpool_redis::PoolError) -> StoreError {
+    if let deadpool_redis::PoolError::Backend(source) = &e {
+        let refused = matches!(source.kind(), redis::ErrorKind::AuthenticationFailed)
+            || matches!(source.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+        if refused {
+            return StoreError::Refused(e.to_string());
+        }
+    }
+    StoreError::Connection(e.to_string())
 }
 
 /// One command plus a key naming the hash slot it runs in.
@@ -303,14 +321,14 @@ impl Store {
                     let mut conn = pool
                         .get()
                         .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))?;
+                        .map_err(pool_error)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
                 Backend::Cluster(pool) => {
                     let mut conn = pool
                         .get()
                         .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))?;
+                        .map_err(pool_error)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
             }
@@ -416,7 +434,7 @@ impl Store {
                     let mut conn = pool
                         .get()
                         .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))?;
+                        .map_err(pool_error)?;
                     let mut pipe = redis::pipe();
                     pipe.ignore_errors();
                     for op in &ops {
@@ -430,7 +448,7 @@ impl Store {
                     let conn = pool
                         .get()
                         .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))?;
+                        .map_err(pool_error)?;
                     let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
                     for (i, op) in ops.iter().enumerate() {
                         by_slot
