@@ -85,6 +85,8 @@ pub enum KeyFamily {
     IngestedCount,
     /// `P:hrs:`, `P:ibc:`, `P:fs:`, `P:cut:` of a segment.
     SegmentMeta,
+    /// `P:marker`, the data-loss marker the workers keep.
+    Marker,
     /// Anything else under the prefix, including a segment key
     /// `P:s:{pt}:root` existing as a key (spanbuf never writes one: segment
     /// keys only name queue members and suffix the metadata keys).
@@ -107,6 +109,7 @@ impl KeyFamily {
             "fl" => KeyFamily::FlushLock,
             "ic" => KeyFamily::IngestedCount,
             "hrs" | "ibc" | "fs" | "cut" => KeyFamily::SegmentMeta,
+            "marker" if tail.is_empty() => KeyFamily::Marker,
             _ => KeyFamily::Other,
         })
     }
@@ -408,6 +411,7 @@ mod tests {
         assert_eq!(of(&keys.member_keys(&pt, "r")), Some(KeyFamily::MemberKeys));
         assert_eq!(of(&keys.redirects(&pt)), Some(KeyFamily::Redirects));
         assert_eq!(of(&keys.flush_lock(&seg)), Some(KeyFamily::FlushLock));
+        assert_eq!(of(&keys.marker()), Some(KeyFamily::Marker));
         assert_eq!(
             of(&keys.ingested_count(&seg)),
             Some(KeyFamily::IngestedCount)
