@@ -62,21 +62,53 @@ const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// The worker clock: the latest batch's minimum Kafka timestamp, carried
 /// forward in wall time (so a backlog does not flush early, and an idle
-/// worker still moves on).
-#[derive(Debug, Default)]
+/// worker still moves on). While a batch is being handled (dead letters,
+/// ingest, retries) the clock stays at that batch's minimum timestamp: the
+/// spans in hand are not in Redis yet, and a slow batch must not let the
+/// segments they extend fall due and flush without them.
+#[derive(Debug)]
 pub struct WorkerClock {
     /// Batch timestamp minus wall time at that batch, milliseconds.
     drift_ms: AtomicI64,
+    /// The minimum timestamp of the batch in hand, ms; `i64::MAX` when none.
+    hold_ms: AtomicI64,
+}
+
+impl Default for WorkerClock {
+    fn default() -> Self {
+        Self {
+            drift_ms: AtomicI64::new(0),
+            hold_ms: AtomicI64::new(i64::MAX),
+        }
+    }
 }
 
 impl WorkerClock {
     pub fn now(&self) -> f64 {
-        (wall_ms() + self.drift_ms.load(Ordering::Relaxed)) as f64 / 1000.0
+        let carried = wall_ms() + self.drift_ms.load(Ordering::Relaxed);
+        carried.min(self.hold_ms.load(Ordering::Relaxed)) as f64 / 1000.0
     }
 
-    fn observe_batch(&self, min_timestamp_ms: i64) {
+    /// A batch with this minimum timestamp is in hand: the clock moves to it
+    /// and stays there until the returned guard is dropped.
+    fn hold_batch(&self, min_timestamp_ms: i64) -> ClockHold<'_> {
         self.drift_ms
             .store(min_timestamp_ms - wall_ms(), Ordering::Relaxed);
+        self.hold_ms.store(min_timestamp_ms, Ordering::Relaxed);
+        ClockHold(self)
+    }
+}
+
+/// Releases the clock when the batch in hand is done (or abandoned).
+struct ClockHold<'a>(&'a WorkerClock);
+
+impl Drop for ClockHold<'_> {
+    fn drop(&mut self) {
+        // Carry on from the batch's timestamp, not from the end of its handling.
+        let held = self.0.hold_ms.swap(i64::MAX, Ordering::Relaxed);
+        if held != i64::MAX {
+            self.0.drift_ms.store(held - wall_ms(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -436,6 +468,12 @@ async fn process_batch(
         .metrics
         .messages_consumed_total
         .inc_by(batch.len() as u64);
+    let min_ts = batch
+        .iter()
+        .filter_map(|m| m.timestamp_ms)
+        .min()
+        .unwrap_or_else(wall_ms);
+    let _hold = shared.clock.hold_batch(min_ts);
     let mut spans = Vec::with_capacity(batch.len());
     let mut invalid: Vec<(&Consumed, InvalidSpan)> = Vec::new();
     for message in batch {
@@ -457,12 +495,6 @@ async fn process_batch(
         forward_invalid(shared, dlq, &invalid).await?;
     }
 
-    let min_ts = batch
-        .iter()
-        .filter_map(|m| m.timestamp_ms)
-        .min()
-        .unwrap_or_else(wall_ms);
-    shared.clock.observe_batch(min_ts);
     let now = min_ts as f64 / 1000.0;
 
     let mut backoff = BACKOFF_START;
@@ -522,52 +554,67 @@ async fn process_batch(
 /// Sends invalid input to the dead-letter topic (original bytes; reason,
 /// source partition and offset in headers), retrying until it is accepted:
 /// the offsets are committed past these messages only after that.
+/// Dead letters in flight at once: each is awaited, but not one by one.
+const DLQ_IN_FLIGHT: usize = 64;
+
 async fn forward_invalid(
     shared: &Shared,
     topic: &str,
     invalid: &[(&Consumed, InvalidSpan)],
 ) -> Result<(), WorkerError> {
+    use futures::StreamExt;
+    let mut pending = futures::stream::FuturesUnordered::new();
     for (message, err) in invalid {
-        let partition = message.partition.to_string();
-        let offset = message.offset.to_string();
-        let headers: [(&str, &[u8]); 4] = [
-            ("spanbuf-invalid-reason", err.reason.as_str().as_bytes()),
-            ("spanbuf-invalid-detail", err.detail.as_bytes()),
-            ("spanbuf-source-partition", partition.as_bytes()),
-            ("spanbuf-source-offset", offset.as_bytes()),
-        ];
-        let mut backoff = BACKOFF_START;
-        loop {
-            match shared
-                .sink
-                .produce_raw(topic, None, &message.payload, &headers)
-                .await
-            {
-                Ok(()) => {
-                    shared.metrics.dlq_records_total.inc();
-                    break;
-                }
-                Err(e) if e.is_message_too_large() => {
-                    // Can never succeed: retrying would block the partition
-                    // for good. The span is already counted as invalid.
-                    shared
-                        .metrics
-                        .produce_errors_total
-                        .with_label_values(&["too_large"])
-                        .inc();
-                    tracing::error!(partition = message.partition, offset = message.offset, error = %e,
-                        "invalid span too large for the dead-letter topic; counted, not forwarded");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "dead-letter produce failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
+        if pending.len() >= DLQ_IN_FLIGHT {
+            pending.next().await;
+        }
+        pending.push(forward_one(shared, topic, message, err));
+    }
+    while pending.next().await.is_some() {}
+    Ok(())
+}
+
+/// Forwards one invalid message to the dead-letter topic, retrying until it
+/// is delivered (the batch is not committed before) or can never be.
+async fn forward_one(shared: &Shared, topic: &str, message: &Consumed, err: &InvalidSpan) {
+    let partition = message.partition.to_string();
+    let offset = message.offset.to_string();
+    let headers: [(&str, &[u8]); 4] = [
+        ("spanbuf-invalid-reason", err.reason.as_str().as_bytes()),
+        ("spanbuf-invalid-detail", err.detail.as_bytes()),
+        ("spanbuf-source-partition", partition.as_bytes()),
+        ("spanbuf-source-offset", offset.as_bytes()),
+    ];
+    let mut backoff = BACKOFF_START;
+    loop {
+        match shared
+            .sink
+            .produce_raw(topic, None, &message.payload, &headers)
+            .await
+        {
+            Ok(()) => {
+                shared.metrics.dlq_records_total.inc();
+                return;
+            }
+            Err(e) if e.is_message_too_large() => {
+                // Can never succeed: retrying would block the partition
+                // for good. The span is already counted as invalid.
+                shared
+                    .metrics
+                    .produce_errors_total
+                    .with_label_values(&["too_large"])
+                    .inc();
+                tracing::error!(partition = message.partition, offset = message.offset, error = %e,
+                    "invalid span too large for the dead-letter topic; counted, not forwarded");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "dead-letter produce failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
-    Ok(())
 }
 
 async fn flush_loop(
@@ -619,4 +666,28 @@ async fn flush_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_stays_at_the_batch_in_hand_then_carries_on() {
+        let clock = WorkerClock::default();
+        let batch_ms = wall_ms() - 60_000;
+        {
+            let _hold = clock.hold_batch(batch_ms);
+            assert_eq!(clock.now(), batch_ms as f64 / 1000.0);
+            std::thread::sleep(Duration::from_millis(30));
+            // A slow batch does not move the clock past its own timestamp.
+            assert_eq!(clock.now(), batch_ms as f64 / 1000.0);
+        }
+        // Released: carried forward in wall time from the batch's timestamp.
+        let now = clock.now();
+        assert!(now >= batch_ms as f64 / 1000.0, "{now}");
+        assert!(now < batch_ms as f64 / 1000.0 + 0.025, "{now}");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(clock.now() >= now + 0.025);
+    }
 }
