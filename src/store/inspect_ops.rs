@@ -170,10 +170,7 @@ impl Store {
             return Ok(vec![Primary { node: None }]);
         };
         let fut = async {
-            let mut conn = pool
-                .get()
-                .await
-                .map_err(super::pool_error)?;
+            let mut conn = pool.get().await.map_err(super::pool_error)?;
             conn.route_command(
                 redis::cmd("DBSIZE"),
                 RoutingInfo::MultiNode((
@@ -343,17 +340,11 @@ impl Store {
         let fut = async {
             match (&self.backend, &primary.node) {
                 (Backend::Standalone(pool), _) => {
-                    let mut conn = pool
-                        .get()
-                        .await
-                        .map_err(super::pool_error)?;
+                    let mut conn = pool.get().await.map_err(super::pool_error)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
                 (Backend::Cluster(pool), Some((host, port))) => {
-                    let mut conn = pool
-                        .get()
-                        .await
-                        .map_err(super::pool_error)?;
+                    let mut conn = pool.get().await.map_err(super::pool_error)?;
                     let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                         host: host.clone(),
                         port: *port,

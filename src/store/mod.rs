@@ -318,17 +318,11 @@ impl Store {
         let fut = async {
             match &self.backend {
                 Backend::Standalone(pool) => {
-                    let mut conn = pool
-                        .get()
-                        .await
-                        .map_err(pool_error)?;
+                    let mut conn = pool.get().await.map_err(pool_error)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
                 Backend::Cluster(pool) => {
-                    let mut conn = pool
-                        .get()
-                        .await
-                        .map_err(pool_error)?;
+                    let mut conn = pool.get().await.map_err(pool_error)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
             }
@@ -431,10 +425,7 @@ impl Store {
         let fut = async {
             match &self.backend {
                 Backend::Standalone(pool) => {
-                    let mut conn = pool
-                        .get()
-                        .await
-                        .map_err(pool_error)?;
+                    let mut conn = pool.get().await.map_err(pool_error)?;
                     let mut pipe = redis::pipe();
                     pipe.ignore_errors();
                     for op in &ops {
@@ -445,10 +436,7 @@ impl Store {
                         .map_err(|source| StoreError::Redis { operation, source })
                 }
                 Backend::Cluster(pool) => {
-                    let conn = pool
-                        .get()
-                        .await
-                        .map_err(pool_error)?;
+                    let conn = pool.get().await.map_err(pool_error)?;
                     let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
                     for (i, op) in ops.iter().enumerate() {
                         by_slot
