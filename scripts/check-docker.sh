@@ -467,8 +467,9 @@ check_binary() {
     fi
     echo "binary: $bin"
     ensure_venv
-    # Libraries of debian:bookworm-slim that the runtime stage relies on.
-    local allowed='^(linux-vdso\.so\.1|libc\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libz\.so\.1|libpthread\.so\.0|libdl\.so\.2|librt\.so\.1|/lib64/ld-linux-x86-64\.so\.2)$'
+    # Libraries of debian:bookworm-slim that the runtime stage relies on, and
+    # libssl3's (installed by the runtime stage) for librdkafka's TLS.
+    local allowed='^(linux-vdso\.so\.1|libc\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libz\.so\.1|libpthread\.so\.0|libdl\.so\.2|librt\.so\.1|libssl\.so\.3|libcrypto\.so\.3|/lib64/ld-linux-x86-64\.so\.2)$'
     local libs extra
     libs=$(ldd "$bin" | awk '{print $1}')
     echo "links: $(tr '\n' ' ' <<<"$libs")"

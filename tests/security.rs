@@ -638,4 +638,37 @@ fn worker_logs_and_http_endpoints_never_show_secrets() {
     assert!(code.is_some(), "{log}");
     assert_no_secret("/metrics, /health, /ready", &http, &secrets);
     assert_no_secret("the log of an unreachable broker", &log, &secrets);
+
+    // 4. SASL_SSL with SCRAM (this build has OpenSSL): the client is created
+    // and tries to connect; the configuration is not refused.
+    let mut vars = common(format!("redis://spanbuf:{ACL_PASSWORD}@127.0.0.1:{port}"));
+    vars.extend([
+        (
+            "SPANBUF_KAFKA_BROKERS",
+            format!("127.0.0.1:{}", e2e::free_port()),
+        ),
+        (
+            "SPANBUF_KAFKA_PROP_SECURITY_PROTOCOL",
+            "SASL_SSL".to_string(),
+        ),
+        (
+            "SPANBUF_KAFKA_PROP_SASL_MECHANISM",
+            "SCRAM-SHA-512".to_string(),
+        ),
+    ]);
+    let mut worker = Worker::start_with(&broker, &vars);
+    let stderr = Captured::stderr_of(&mut worker);
+    e2e::wait_for("a TLS connection attempt", Duration::from_secs(30), || {
+        stderr.contains("sasl_ssl://")
+    });
+    let (code, _) = worker.terminate();
+    let log = stderr.finish();
+    assert!(code.is_some(), "{log}");
+    for refusal in [
+        "not available at build time",
+        "No provider for SASL mechanism",
+    ] {
+        assert!(!log.contains(refusal), "{refusal}: {log}");
+    }
+    assert_no_secret("the log of a SASL_SSL client", &log, &secrets);
 }
