@@ -328,10 +328,16 @@ async fn delivery_to_a_stopped_broker_fails_within_the_message_timeout() {
     assert_eq!(produce_errors(&metrics, "delivery"), 3);
     assert_eq!(metrics.records_produced_total.get(), 1);
 
-    // Nothing is left queued: shutdown does not wait for a dead broker.
-    sink.flush(Duration::from_secs(5))
-        .await
-        .expect("nothing left to flush");
+    // Shutdown does not hang on a dead broker: the flush returns within its
+    // own timeout. (Its result depends on timing: librdkafka may still count
+    // its own idempotence requests to the dead broker as outstanding.)
+    let flushed = tokio::time::timeout(TIMEOUT, sink.flush(Duration::from_secs(5))).await;
+    assert!(flushed.is_ok(), "flush is bounded by its timeout");
+    assert_eq!(
+        metrics.records_produced_total.get(),
+        1,
+        "nothing more delivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
