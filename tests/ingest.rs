@@ -601,3 +601,44 @@ async fn scripts_reload_after_script_flush(backend: Backend) {
     assert_single_segment(&mut env, &pt, &a, &[&a, &b], true, NOW + 11.0).await;
     env.assert_layout().await;
 }
+
+/// Redis busy for 1.5 s (a long script elsewhere) is slow, not down: new
+/// pooled connections and responses are waited for up to
+/// SPANBUF_REDIS_TIMEOUT_MS (5 s here), not redis-rs's defaults (1 s to
+/// connect, 500 ms per response), and every ingest succeeds at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_redis_is_waited_for_up_to_the_configured_timeout() {
+    let env = Env::start(Backend::Standalone, |c| c.redis.timeout_ms = 5000).await;
+    let url = env.config.redis.url.clone();
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let busy = tokio::task::spawn_blocking({
+        let started = started.clone();
+        move || {
+            let mut conn = redis::Client::open(url)
+                .and_then(|c| c.get_connection())
+                .expect("connection");
+            started.notify_one();
+            let script = "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] \
+                          repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 1500000 \
+                          return 1";
+            redis::cmd("EVAL")
+                .arg(script)
+                .arg(0)
+                .query::<i64>(&mut conn)
+                .expect("busy script")
+        }
+    });
+    started.notified().await;
+    // Let the script start before the ingests are sent.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Concurrent batches make the pool open new connections while Redis is busy.
+    let batches: Vec<[TestSpan; 1]> = (1..=6u64)
+        .map(|n| [TestSpan::new(&trace(n), &id(1), None)])
+        .collect();
+    let outs = futures::future::join_all(batches.iter().map(|b| env.ingest(b, NOW))).await;
+    for out in outs {
+        assert_eq!(out.spans, 1);
+        assert_eq!(out.spans_redelivered, 0, "written once, not retried");
+    }
+    assert_eq!(busy.await.expect("busy task"), 1);
+}

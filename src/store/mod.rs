@@ -164,14 +164,24 @@ impl Store {
     pub async fn connect(config: &RedisConfig, slice_id: Option<u32>) -> Result<Store, StoreError> {
         let pool_config = deadpool_redis::PoolConfig::new(config.pool_size);
         let backend = if config.cluster_urls.is_empty() {
-            let mut cfg = deadpool_redis::Config::from_url(config.url.clone());
-            cfg.pool = Some(pool_config);
-            let pool = cfg
-                .create_pool(Some(Runtime::Tokio1))
-                .map_err(|e| StoreError::Pool {
-                    target: "standalone redis".into(),
-                    source: Box::new(e),
-                })?;
+            // redis-rs times a response out after 500 ms by default, far
+            // below SPANBUF_REDIS_TIMEOUT_MS: a slow Lua call would fail as
+            // "timed out" although Redis ran it. Use the configured timeout.
+            let timeout = Some(Duration::from_millis(config.timeout_ms));
+            let connection = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(timeout)
+                .set_connection_timeout(timeout);
+            let pool_err = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Pool {
+                target: "standalone redis".into(),
+                source: e,
+            };
+            let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
+                .map_err(|e| pool_err(Box::new(e)))?;
+            let pool = deadpool_redis::Pool::builder(manager)
+                .config(pool_config)
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| pool_err(Box::new(e)))?;
             Backend::Standalone(pool)
         } else {
             let mut cfg = cluster::Config::from_urls(config.cluster_urls.clone());
