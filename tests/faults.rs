@@ -11,7 +11,7 @@
 mod e2e;
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
@@ -55,6 +55,27 @@ fn still_queued(redis: &RedisServer, segment_id: &str) -> bool {
             .expect("zscore")
             .is_some()
     })
+}
+
+/// Reads the output until every expected span came (and, with `redis`, every
+/// flush queue is empty), then until it is quiet; every span must have come
+/// under its root, a duplicate only with the same flush_id.
+fn read_all(output: &mut Output, expected: &BTreeMap<String, String>, redis: Option<&RedisServer>) {
+    output.read_until(expected, 0, Duration::from_secs(120));
+    if let Some(redis) = redis {
+        wait_for("every queue empty", Duration::from_secs(60), || {
+            queued(redis) == 0
+        });
+    }
+    output.read_quiet(Duration::from_secs(3), Duration::from_secs(30));
+    assert_eq!(&output.claimed(), expected, "every span, under its root");
+}
+
+/// Waits until the worker has written `spans` spans to Redis.
+fn wait_consumed(worker: &Worker, spans: f64) {
+    wait_for("the spans in Redis", Duration::from_secs(60), || {
+        worker.metric("spanbuf_spans_consumed_total") == Some(spans)
+    });
 }
 
 fn send_signal(pid: u32, signal: &str) {
@@ -164,16 +185,7 @@ fn crash_at(point: &str) -> Crash {
             (LOCK_TTL.0, LOCK_TTL.1.into()),
         ],
     );
-    output.read_until(&expected, 0, Duration::from_secs(90));
-    wait_for("every queue empty", Duration::from_secs(60), || {
-        queued(&redis) == 0
-    });
-    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(
-        output.claimed(),
-        expected,
-        "{point}: every span under its root"
-    );
+    read_all(&mut output, &expected, Some(&redis));
     assert_nothing_dropped(&b);
     let (code, stderr) = b.terminate();
     assert_eq!(code, Some(0), "{stderr}");
@@ -269,9 +281,7 @@ fn broker_unresponsive_during_produce_then_back() {
     );
     let (lines, expected) = spans(0);
     produce(&broker, &lines);
-    wait_for("all spans in Redis", Duration::from_secs(60), || {
-        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
-    });
+    wait_consumed(&worker, 800.0);
     send_signal(broker.pid(), "-STOP");
     let failures = || {
         worker
@@ -312,12 +322,7 @@ fn broker_unresponsive_during_produce_then_back() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    output.read_until(&expected, 0, Duration::from_secs(120));
-    wait_for("every queue empty", Duration::from_secs(60), || {
-        queued(&redis) == 0
-    });
-    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(output.claimed(), expected);
+    read_all(&mut output, &expected, Some(&redis));
     assert_nothing_dropped(&worker);
     let (code, stderr) = worker.terminate();
     assert_eq!(code, Some(0), "{stderr}");
@@ -341,17 +346,13 @@ fn redis_crash_with_aof_loses_nothing() {
     );
     let (lines, expected) = spans(0);
     produce(&broker, &lines);
-    wait_for("all spans in Redis", Duration::from_secs(60), || {
-        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
-    });
+    wait_consumed(&worker, 800.0);
     assert!(queued(&redis) > 0, "buffered, not yet flushed");
     redis.restart();
     assert!(queued(&redis) > 0, "the AOF brought the buffer back");
 
     let mut output = Output::new(&broker);
-    output.read_until(&expected, 0, Duration::from_secs(90));
-    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(output.claimed(), expected);
+    read_all(&mut output, &expected, None);
     assert_nothing_dropped(&worker);
     assert_eq!(
         worker.metric("spanbuf_redis_data_loss_total"),
@@ -385,9 +386,7 @@ fn redis_crash_without_persistence_makes_the_loss_visible() {
     let loss = |w: &Worker| w.metric("spanbuf_redis_data_loss_total");
     let (lines, _) = spans(0);
     produce(&broker, &lines);
-    wait_for("all spans in Redis", Duration::from_secs(60), || {
-        worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
-    });
+    wait_consumed(&worker, 800.0);
     assert_eq!(loss(&worker), Some(0.0));
     redis.restart();
     wait_for("the loss counted", Duration::from_secs(30), || {
@@ -399,9 +398,7 @@ fn redis_crash_without_persistence_makes_the_loss_visible() {
     let (more, expected) = spans(1000);
     produce(&broker, &more);
     let mut output = Output::new(&broker);
-    output.read_until(&expected, 0, Duration::from_secs(90));
-    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(output.claimed(), expected, "only the new spans came out");
+    read_all(&mut output, &expected, None);
     assert_eq!(loss(&worker), Some(1.0));
     // Conservation shows the gap: 1600 consumed, 800 flushed, none dropped
     // or buffered; the 800 missing are the loss the counter reported.
@@ -462,16 +459,7 @@ fn repeated_rebalances_while_spans_flow() {
     wave(5);
 
     let mut output = Output::new(&broker);
-    output.read_until(&expected, 0, Duration::from_secs(120));
-    wait_for("every queue empty", Duration::from_secs(60), || {
-        queued(&redis) == 0
-    });
-    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(
-        output.claimed(),
-        expected,
-        "4800 spans, each under its root"
-    );
+    read_all(&mut output, &expected, Some(&redis));
     for w in [&c, &d] {
         assert_nothing_dropped(w);
     }
@@ -509,9 +497,7 @@ fn redis_cluster_node_restart_under_load() {
     });
 
     let mut output = Output::new(&broker);
-    output.read_until(&expected, 0, Duration::from_secs(120));
-    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
-    assert_eq!(output.claimed(), expected);
+    read_all(&mut output, &expected, None);
     assert_nothing_dropped(&worker);
     let (code, stderr) = worker.terminate();
     assert_eq!(code, Some(0), "{stderr}");
@@ -555,17 +541,12 @@ fn slow_delivery_keeps_its_locks() {
     let mut fast = Worker::start_with(&broker, &fast_vars);
 
     let mut output = Output::new(&broker);
-    output.read_until(&expected, 0, Duration::from_secs(120));
     wait_for(
         "the other group read the input",
         Duration::from_secs(60),
         || fast.metric("spanbuf_messages_consumed_total") == Some(800.0),
     );
-    wait_for("every queue empty", Duration::from_secs(60), || {
-        queued(&redis) == 0
-    });
-    output.read_quiet(Duration::from_secs(4), Duration::from_secs(30));
-    assert_eq!(output.claimed(), expected);
+    read_all(&mut output, &expected, Some(&redis));
     assert_eq!(output.records, 100, "each segment delivered exactly once");
     assert!(slow.metric("spanbuf_flush_lock_refreshes_total") >= Some(3.0));
     for w in [&mut slow, &mut fast] {
