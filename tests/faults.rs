@@ -187,8 +187,7 @@ fn crash_at(point: &str) -> Crash {
     );
     read_all(&mut output, &expected, Some(&redis));
     assert_nothing_dropped(&b);
-    let (code, stderr) = b.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    b.stop_cleanly();
     Crash {
         delivered_before,
         still_queued_after,
@@ -324,8 +323,7 @@ fn broker_unresponsive_during_produce_then_back() {
     };
     read_all(&mut output, &expected, Some(&redis));
     assert_nothing_dropped(&worker);
-    let (code, stderr) = worker.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    worker.stop_cleanly();
 }
 
 /// Redis with an fsync'ed append-only file crashes (SIGKILL) while spans are
@@ -363,8 +361,7 @@ fn redis_crash_with_aof_loses_nothing() {
     assert_eq!(report["missing"], 0, "{report}");
     assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
     assert_eq!(report["conservation"]["consumed"], 800, "{report}");
-    let (code, stderr) = worker.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    worker.stop_cleanly();
 }
 
 /// Redis without persistence crashes while spans are buffered: they are gone,
@@ -411,8 +408,7 @@ fn redis_crash_without_persistence_makes_the_loss_visible() {
     assert_eq!(report["missing"], 800, "{report}");
     assert_eq!(report["conservation"]["unaccounted"], 800, "{report}");
     assert_eq!(report["conservation"]["redis_data_loss"], 1, "{report}");
-    let (code, stderr) = worker.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    let stderr = worker.stop_cleanly();
     assert!(stderr.contains("redis lost the buffer"), "{stderr}");
 }
 
@@ -431,29 +427,17 @@ fn repeated_rebalances_while_spans_flow() {
         produce(&broker, &lines);
         expected.extend(more);
     };
-    let held = |w: &Worker| w.metric("spanbuf_assigned_partitions").unwrap_or(0.0);
-
     let mut a = start();
     wave(0);
     let mut b = start();
-    wait_for(
-        "a and b share the partitions",
-        Duration::from_secs(60),
-        || held(&a) >= 1.0 && held(&b) >= 1.0,
-    );
+    wait_sharing(&a, &b, false);
     wave(1);
-    let (code, stderr) = a.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    a.stop_cleanly();
     wave(2);
     let mut c = start();
-    wait_for(
-        "b and c share the partitions",
-        Duration::from_secs(60),
-        || held(&b) >= 1.0 && held(&c) >= 1.0,
-    );
+    wait_sharing(&b, &c, false);
     wave(3);
-    let (code, stderr) = b.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    b.stop_cleanly();
     wave(4);
     let mut d = start();
     wave(5);
@@ -464,8 +448,7 @@ fn repeated_rebalances_while_spans_flow() {
         assert_nothing_dropped(w);
     }
     for w in [&mut c, &mut d] {
-        let (code, stderr) = w.terminate();
-        assert_eq!(code, Some(0), "{stderr}");
+        w.stop_cleanly();
     }
 }
 
@@ -499,8 +482,7 @@ fn redis_cluster_node_restart_under_load() {
     let mut output = Output::new(&broker);
     read_all(&mut output, &expected, None);
     assert_nothing_dropped(&worker);
-    let (code, stderr) = worker.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    worker.stop_cleanly();
 }
 
 /// A delivery slower than the flush-lock TTL: the holder keeps extending
@@ -551,7 +533,6 @@ fn slow_delivery_keeps_its_locks() {
     assert!(slow.metric("spanbuf_flush_lock_refreshes_total") >= Some(3.0));
     for w in [&mut slow, &mut fast] {
         assert_nothing_dropped(w);
-        let (code, stderr) = w.terminate();
-        assert_eq!(code, Some(0), "{stderr}");
+        w.stop_cleanly();
     }
 }

@@ -120,8 +120,7 @@ fn worker_recovers_when_redis_restarts() {
             .get("/ready")
             .is_some_and(|(status, _)| status == 200)
     });
-    let (code, stderr) = worker.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    worker.stop_cleanly();
 }
 
 /// Two workers in one group split the partitions; every span comes out
@@ -147,8 +146,8 @@ fn two_workers_split_the_partitions() {
         flushed(&a),
         flushed(&b)
     );
-    assert_eq!(a.terminate().0, Some(0));
-    assert_eq!(b.terminate().0, Some(0));
+    a.stop_cleanly();
+    b.stop_cleanly();
 }
 
 /// The same end-to-end path against a local 3-master Redis Cluster.
@@ -166,8 +165,7 @@ fn end_to_end_on_redis_cluster() {
     let mut output = Output::new(&broker);
     output.read_until(&expected, 0, Duration::from_secs(90));
     assert_eq!(output.claimed(), expected);
-    let (code, stderr) = worker.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    worker.stop_cleanly();
 }
 
 /// Redis memory over the limit pauses consumption (flushing goes on); below
@@ -240,7 +238,7 @@ fn hard_backpressure_pauses_and_resumes() {
     assert!(
         worker.metric("spanbuf_backpressure_pauses_total{reason=\"redis_memory\"}") >= Some(1.0)
     );
-    assert_eq!(worker.terminate().0, Some(0));
+    worker.stop_cleanly();
 }
 
 /// Segments that cannot be flushed (their locks held by someone else) build
@@ -326,7 +324,7 @@ fn soft_backpressure_pauses_on_flush_lag_and_resumes() {
         Some(0.0)
     );
     assert!(worker.metric("spanbuf_backpressure_pauses_total{reason=\"flush_lag\"}") >= Some(1.0));
-    assert_eq!(worker.terminate().0, Some(0));
+    worker.stop_cleanly();
 }
 
 /// One of two workers is SIGKILLed mid-stream: the other takes over its
@@ -355,7 +353,7 @@ fn sigkill_one_worker_the_other_takes_over() {
         Some(4.0),
         "b holds every partition"
     );
-    assert_eq!(b.terminate().0, Some(0));
+    b.stop_cleanly();
 }
 
 /// SIGTERM while spans keep arriving: the worker commits only what reached
@@ -396,15 +394,14 @@ fn sigterm_drain_commits_only_what_redis_holds() {
         producer.flush(Duration::from_secs(10)).expect("flush");
         all
     });
-    let (code, stderr) = first.terminate();
-    assert_eq!(code, Some(0), "{stderr}");
+    first.stop_cleanly();
     expected.extend(feeder.join().expect("feeder"));
 
     let mut second = Worker::start(&redis, &broker);
     let mut output = Output::new(&broker);
     output.read_until(&expected, 0, Duration::from_secs(120));
     assert_eq!(output.claimed(), expected);
-    assert_eq!(second.terminate().0, Some(0));
+    second.stop_cleanly();
 }
 
 /// A drain that cannot finish (Redis gone with a batch in hand) ends at the

@@ -82,6 +82,28 @@ pub struct DoneReply {
 }
 
 impl Store {
+    /// One call of a per-segment script for each segment, all with the same
+    /// arguments: key prefix, segment root, flusher token, then `tail`.
+    fn segment_calls(
+        &self,
+        script: &super::scripts::LuaScript,
+        segments: &[LoadRequest<'_>],
+        token: &str,
+        tail: &[u64],
+    ) -> Vec<Op> {
+        segments
+            .iter()
+            .map(|s| {
+                let mut call = script.call(&s.pt);
+                call.arg(self.keys().prefix()).arg(s.root).arg(token);
+                for arg in tail {
+                    call.arg(*arg);
+                }
+                Op::new(s.pt.clone(), call)
+            })
+            .collect()
+    }
+
     /// Per shard: due candidates (score ≤ `now`, at most `per_shard`), the
     /// queue size and its earliest deadline. One round trip for all shards.
     pub async fn queue_snapshots(
@@ -140,17 +162,7 @@ impl Store {
         token: &str,
         lock_ttl_ms: u64,
     ) -> Result<Vec<Loaded>, StoreError> {
-        let ops: Vec<Op> = segments
-            .iter()
-            .map(|s| {
-                let mut call = self.scripts.flush_load.call(&s.pt);
-                call.arg(self.keys().prefix())
-                    .arg(s.root)
-                    .arg(token)
-                    .arg(lock_ttl_ms);
-                Op::new(s.pt.clone(), call)
-            })
-            .collect();
+        let ops = self.segment_calls(&self.scripts.flush_load, segments, token, &[lock_ttl_ms]);
         let replies = self.exec("lock and load segments", &ops).await?;
         replies.into_iter().map(parse_loaded).collect()
     }
@@ -224,17 +236,7 @@ impl Store {
         token: &str,
         lock_ttl_ms: u64,
     ) -> Result<usize, StoreError> {
-        let ops: Vec<Op> = segments
-            .iter()
-            .map(|s| {
-                let mut call = self.scripts.lock_refresh.call(&s.pt);
-                call.arg(self.keys().prefix())
-                    .arg(s.root)
-                    .arg(token)
-                    .arg(lock_ttl_ms);
-                Op::new(s.pt.clone(), call)
-            })
-            .collect();
+        let ops = self.segment_calls(&self.scripts.lock_refresh, segments, token, &[lock_ttl_ms]);
         let replies = self.exec("refresh flush locks", &ops).await?;
         Ok(replies
             .iter()
@@ -247,18 +249,8 @@ impl Store {
         segments: &[LoadRequest<'_>],
         token: &str,
     ) -> Result<(), StoreError> {
-        let ops: Vec<Op> = segments
-            .iter()
-            .map(|s| {
-                let mut call = self.scripts.flush_done.call(&s.pt);
-                call.arg(self.keys().prefix())
-                    .arg(s.root)
-                    .arg(token)
-                    .arg(0)
-                    .arg(0);
-                Op::new(s.pt.clone(), call)
-            })
-            .collect();
+        // Zero delivered salts and span ids: only the lock is released.
+        let ops = self.segment_calls(&self.scripts.flush_done, segments, token, &[0, 0]);
         self.exec("release flush locks", &ops).await?;
         Ok(())
     }

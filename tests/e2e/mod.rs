@@ -70,6 +70,13 @@ impl Worker {
         Worker { child, http_port }
     }
 
+    /// SIGTERM, and the drain must end in exit 0; the worker's log.
+    pub fn stop_cleanly(&mut self) -> String {
+        let (code, stderr) = self.terminate();
+        assert_eq!(code, Some(0), "{stderr}");
+        stderr
+    }
+
     /// Waits for the process to exit by itself (e.g. at a fault point).
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -319,17 +326,21 @@ pub fn topics(broker: &Broker) {
     broker.create_topic(DLQ, 1);
 }
 
+/// Waits until `a` and `b` both hold partitions and, with `all`, hold all
+/// four between them.
+pub fn wait_sharing(a: &Worker, b: &Worker, all: bool) {
+    let held = |w: &Worker| w.metric("spanbuf_assigned_partitions").unwrap_or(0.0);
+    wait_for(
+        "two workers sharing the partitions",
+        Duration::from_secs(60),
+        || held(a) >= 1.0 && held(b) >= 1.0 && (!all || held(a) + held(b) == 4.0),
+    );
+}
+
 /// Two workers in one group, once the four partitions are split between them.
 pub fn two_workers(redis: &RedisServer, broker: &Broker) -> (Worker, Worker) {
     let a = Worker::start(redis, broker);
     let b = Worker::start(redis, broker);
-    wait_for(
-        "both workers to hold partitions",
-        Duration::from_secs(60),
-        || {
-            let held = |w: &Worker| w.metric("spanbuf_assigned_partitions").unwrap_or(0.0);
-            held(&a) >= 1.0 && held(&b) >= 1.0 && held(&a) + held(&b) == 4.0
-        },
-    );
+    wait_sharing(&a, &b, true);
     (a, b)
 }
