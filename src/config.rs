@@ -176,12 +176,12 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::ROOT_TIMEOUT_SECS,
         default: "10",
-        meaning: "inactivity before flushing a segment with its root, in seconds; at most SPANBUF_TIMEOUT_SECS",
+        meaning: "inactivity before flushing a segment with its root, in seconds",
     },
     VarDoc {
         name: var::MAX_SEGMENT_LIFETIME_SECS,
         default: "600",
-        meaning: "hard cap from a segment's first span to its flush, in seconds; at least SPANBUF_TIMEOUT_SECS",
+        meaning: "hard cap from a segment's first span to its flush, in seconds; below SPANBUF_REDIS_TTL_SECS (below the timeouts, the cap decides)",
     },
     VarDoc {
         name: var::MAX_SEGMENT_BYTES,
@@ -191,7 +191,7 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::MAX_SPAN_BYTES,
         default: "1048576",
-        meaning: "larger spans are invalid, in bytes (64 to SPANBUF_MAX_SEGMENT_BYTES)",
+        meaning: "larger spans are invalid, in bytes (at least 64; a span above SPANBUF_MAX_SEGMENT_BYTES is an output chunk alone)",
     },
     VarDoc {
         name: var::MAX_FLUSH_SEGMENTS,
@@ -506,25 +506,26 @@ pub struct BufferConfig {
     /// seconds, > 0; 60 by default (Sentry's).
     pub timeout_secs: u64,
     /// `SPANBUF_ROOT_TIMEOUT_SECS`: inactivity before flushing a segment with its root,
-    /// seconds, > 0 and ≤ `timeout_secs`; 10 by default (Sentry's).
+    /// seconds, > 0; 10 by default (Sentry's). Above `timeout_secs` is accepted with a
+    /// warning.
     pub root_timeout_secs: u64,
     /// `SPANBUF_MAX_SEGMENT_LIFETIME_SECS`: hard cap from a segment's first span to its
-    /// flush deadline, seconds; 600 by default, so a segment kept alive by a steady
-    /// trickle of spans is still flushed within ten minutes.
+    /// flush deadline, seconds, ≥ 1; 600 by default, so a segment kept alive by a
+    /// steady trickle of spans is still flushed within ten minutes. Below the
+    /// timeouts the cap simply decides (a warning says so).
     ///
-    /// Must be ≥ `timeout_secs` (a smaller cap would cut every inactivity timeout
-    /// short), and `max_segment_lifetime_secs + timeout_secs` must be below
-    /// `redis.ttl_secs`: a payload set is written once and expires `ttl_secs` after
-    /// the segment's first span at the earliest, while the segment is due at the latest
-    /// `max_segment_lifetime_secs` after it. The extra `timeout_secs` is the margin for
-    /// a flush that runs late (consumer backlog, delivery failure retried later, a lock
-    /// held by a crashed flusher) so data never expires before its segment is flushed.
+    /// Must be below `redis.ttl_secs`: a payload set is written once and expires
+    /// `ttl_secs` after it was written, while its segment may be due up to
+    /// `max_segment_lifetime_secs` after its first span. Less than a timeout of
+    /// margin between the two is accepted with a warning: a flush that runs late
+    /// (consumer backlog, delivery retried, a lock held by a crashed flusher) could
+    /// then find the oldest spans of a long-lived segment expired.
     pub max_segment_lifetime_secs: u64,
     /// `SPANBUF_MAX_SEGMENT_BYTES`: detach threshold at ingest and chunk size of output
     /// records, bytes, ≥ 1024; 10485760 (10 MiB, Sentry's) by default.
     pub max_segment_bytes: u64,
-    /// `SPANBUF_MAX_SPAN_BYTES`: larger spans are invalid, bytes, 64..=`max_segment_bytes`;
-    /// 1048576 (1 MiB) by default.
+    /// `SPANBUF_MAX_SPAN_BYTES`: larger spans are invalid, bytes, ≥ 64; 1048576 (1 MiB)
+    /// by default. May exceed `max_segment_bytes`: such a span is an output chunk alone.
     pub max_span_bytes: u64,
     /// `SPANBUF_MAX_FLUSH_SEGMENTS`: segments per flush cycle, split over the owned
     /// shards, ≥ 1; 500 by default (Sentry's).
@@ -729,6 +730,20 @@ impl Checks {
         });
     }
 
+    /// A rule over two variables with a text for each side: reported on `b` when
+    /// the operator set `b` but not `a`, else on `a`. A default is never blamed
+    /// for a combination the operator made.
+    fn cross_either(
+        &mut self,
+        set: Option<&BTreeSet<String>>,
+        a: (&'static str, String),
+        b: (&'static str, String),
+    ) {
+        let only_b = set.is_some_and(|set| set.contains(b.0) && !set.contains(a.0));
+        let ((var, text), other) = if only_b { (b, a.0) } else { (a, b.0) };
+        self.cross(var, &[other], text);
+    }
+
     /// Drops cross-field problems about a variable that is already reported on its
     /// own: its value is wrong anyway, comparing it to others only adds noise.
     fn finish(self) -> Vec<Check> {
@@ -772,7 +787,7 @@ impl Config {
     /// configuration built in code. [`from_vars`](Self::from_vars) runs it already.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems: Vec<ConfigProblem> = self
-            .checks()
+            .checks(None)
             .into_iter()
             .map(|check| check.problem)
             .collect();
@@ -927,7 +942,8 @@ impl Config {
         config.kafka.consumer_properties = consumer_properties;
         config.kafka.producer_properties = producer_properties;
 
-        for check in config.checks() {
+        let set: BTreeSet<String> = raw.keys().cloned().collect();
+        for check in config.checks(Some(&set)) {
             if check.involves.iter().any(|v| failed.contains(*v)) {
                 continue;
             }
@@ -1019,7 +1035,39 @@ impl Config {
     }
 
     /// Every rule on the typed values.
-    fn checks(&self) -> Vec<Check> {
+    /// Settings that work but are unusual enough to say so at start (logged as
+    /// warnings by the commands that run the buffer; `spanbuf config` prints
+    /// them on stderr). Never a reason to refuse a start.
+    pub fn warnings(&self) -> Vec<String> {
+        let (r, b) = (&self.redis, &self.buffer);
+        let mut warnings = Vec::new();
+        if b.root_timeout_secs > b.timeout_secs {
+            warnings.push(format!(
+                "SPANBUF_ROOT_TIMEOUT_SECS ({}) is above SPANBUF_TIMEOUT_SECS ({}): a segment that has its root waits longer than one without",
+                b.root_timeout_secs, b.timeout_secs
+            ));
+        }
+        let longest_timeout = b.timeout_secs.max(b.root_timeout_secs);
+        if b.max_segment_lifetime_secs < longest_timeout {
+            warnings.push(format!(
+                "SPANBUF_MAX_SEGMENT_LIFETIME_SECS ({}) is below the inactivity timeouts (SPANBUF_TIMEOUT_SECS {}, SPANBUF_ROOT_TIMEOUT_SECS {}): the cap decides when such segments flush, {} s after their first span",
+                b.max_segment_lifetime_secs, b.timeout_secs, b.root_timeout_secs, b.max_segment_lifetime_secs
+            ));
+        }
+        let latest_due = b.max_segment_lifetime_secs.saturating_add(longest_timeout);
+        if r.ttl_secs > b.max_segment_lifetime_secs && r.ttl_secs < latest_due {
+            warnings.push(format!(
+                "SPANBUF_REDIS_TTL_SECS ({}) leaves less than a timeout ({} s) of margin over SPANBUF_MAX_SEGMENT_LIFETIME_SECS ({}): a flush that runs late (backlog, broker outage) may find a long-lived segment's first spans expired",
+                r.ttl_secs, longest_timeout, b.max_segment_lifetime_secs
+            ));
+        }
+        warnings
+    }
+
+    /// Every rule on the typed values. `set` names the variables the operator
+    /// set (`None` for a configuration built in code): a cross-field problem is
+    /// reported on one of those.
+    fn checks(&self, set: Option<&BTreeSet<String>>) -> Vec<Check> {
         let mut c = Checks::default();
         let (r, k, b) = (&self.redis, &self.kafka, &self.buffer);
 
@@ -1162,13 +1210,25 @@ impl Config {
             &self.log.level,
         );
 
+        // Cross-field rules: only combinations that cannot work or would lose
+        // data (DESIGN §8). Merely unusual ones are `warnings()`. Each is
+        // reported on a variable the operator set, so defaults never fail a start.
         if k.output_topic == k.input_topic {
-            c.cross(
-                var::OUTPUT_TOPIC,
-                &[var::INPUT_TOPIC],
-                format!(
-                    "expected a topic other than SPANBUF_INPUT_TOPIC ({:?}): spanbuf would consume its own output",
-                    k.input_topic
+            c.cross_either(
+                set,
+                (
+                    var::OUTPUT_TOPIC,
+                    format!(
+                        "expected a topic other than SPANBUF_INPUT_TOPIC ({:?}): spanbuf would consume its own output",
+                        k.input_topic
+                    ),
+                ),
+                (
+                    var::INPUT_TOPIC,
+                    format!(
+                        "expected a topic other than SPANBUF_OUTPUT_TOPIC ({:?}): spanbuf would consume its own output",
+                        k.output_topic
+                    ),
                 ),
             );
         }
@@ -1186,44 +1246,25 @@ impl Config {
                 }
             }
         }
-        if b.root_timeout_secs > b.timeout_secs {
-            c.cross(
-                var::ROOT_TIMEOUT_SECS,
-                &[var::TIMEOUT_SECS],
-                format!(
-                    "expected at most SPANBUF_TIMEOUT_SECS ({}), got {}: a segment with its root must not wait longer than one without",
-                    b.timeout_secs, b.root_timeout_secs
+        // A payload set is written once and lives `ttl_secs`; a segment kept
+        // alive by a trickle of spans is due up to the lifetime cap after its
+        // first span. A TTL that does not outlast the cap loses those spans.
+        if r.ttl_secs <= b.max_segment_lifetime_secs {
+            c.cross_either(
+                set,
+                (
+                    var::MAX_SEGMENT_LIFETIME_SECS,
+                    format!(
+                        "expected less than SPANBUF_REDIS_TTL_SECS ({}), got {}: a segment's first spans would expire before the cap flushes it",
+                        r.ttl_secs, b.max_segment_lifetime_secs
+                    ),
                 ),
-            );
-        }
-        if b.max_segment_lifetime_secs < b.timeout_secs {
-            c.cross(
-                var::MAX_SEGMENT_LIFETIME_SECS,
-                &[var::TIMEOUT_SECS],
-                format!(
-                    "expected at least SPANBUF_TIMEOUT_SECS ({}), got {}: the cap would cut every inactivity timeout short",
-                    b.timeout_secs, b.max_segment_lifetime_secs
-                ),
-            );
-        }
-        let latest_due = b.max_segment_lifetime_secs.saturating_add(b.timeout_secs);
-        if latest_due >= r.ttl_secs {
-            c.cross(
-                var::MAX_SEGMENT_LIFETIME_SECS,
-                &[var::TIMEOUT_SECS, var::REDIS_TTL_SECS],
-                format!(
-                    "expected SPANBUF_MAX_SEGMENT_LIFETIME_SECS + SPANBUF_TIMEOUT_SECS ({} + {}) below SPANBUF_REDIS_TTL_SECS ({}): buffered spans could expire before their segment is flushed",
-                    b.max_segment_lifetime_secs, b.timeout_secs, r.ttl_secs
-                ),
-            );
-        }
-        if b.max_span_bytes > b.max_segment_bytes {
-            c.cross(
-                var::MAX_SPAN_BYTES,
-                &[var::MAX_SEGMENT_BYTES],
-                format!(
-                    "expected at most SPANBUF_MAX_SEGMENT_BYTES ({}), got {}: a valid span must fit in a segment",
-                    b.max_segment_bytes, b.max_span_bytes
+                (
+                    var::REDIS_TTL_SECS,
+                    format!(
+                        "expected more than SPANBUF_MAX_SEGMENT_LIFETIME_SECS ({}), got {}: a segment's first spans would expire before the cap flushes it",
+                        b.max_segment_lifetime_secs, r.ttl_secs
+                    ),
                 ),
             );
         }
@@ -1953,7 +1994,7 @@ mod tests {
             ("SPANBUF_INPUT_TOPIC", "a b"),
             ("SPANBUF_TIMOUT_SECS", "60"),
             ("SPANBUF_KAFKA_PROP_GROUP_ID", "g"),
-            ("SPANBUF_MAX_SPAN_BYTES", "20000000"),
+            ("SPANBUF_MAX_SPAN_BYTES", "10"),
         ])
         .unwrap_err();
         let names: Vec<&str> = err.problems.iter().map(|p| p.var.as_str()).collect();
@@ -2109,71 +2150,104 @@ mod tests {
     }
 
     #[test]
-    fn root_timeout_above_timeout_is_refused() {
-        let problem = only_problem(&[
+    fn unusual_timeouts_and_lifetimes_are_accepted_with_a_warning() {
+        // A root timeout above the timeout, and a lifetime cap below the
+        // timeouts, work: they are unusual, not wrong (DESIGN §8).
+        let config = parse(&[
             ("SPANBUF_TIMEOUT_SECS", "30"),
             ("SPANBUF_ROOT_TIMEOUT_SECS", "31"),
-        ]);
-        assert_eq!(problem.var, "SPANBUF_ROOT_TIMEOUT_SECS");
-        assert_eq!(problem.value, None);
-        assert!(
-            problem
-                .expected
-                .contains("at most SPANBUF_TIMEOUT_SECS (30), got 31"),
-            "{problem}"
-        );
-        assert!(parse(&[
-            ("SPANBUF_TIMEOUT_SECS", "30"),
-            ("SPANBUF_ROOT_TIMEOUT_SECS", "30")
         ])
-        .is_ok());
+        .unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("SPANBUF_ROOT_TIMEOUT_SECS (31)"));
+
+        let config = parse(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "30")]).unwrap();
+        assert_eq!(config.buffer.max_segment_lifetime_secs, 30);
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("the cap decides"), "{warnings:?}");
+        assert!(parse(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "1")]).is_ok());
+
+        assert!(Config::default().warnings().is_empty());
     }
 
     #[test]
-    fn segment_lifetime_must_fit_between_timeout_and_ttl() {
-        let problem = only_problem(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "59")]);
+    fn segment_lifetime_must_stay_below_the_ttl() {
+        // The operator set the lifetime: the problem is reported on it.
+        let problem = only_problem(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "3600")]);
         assert_eq!(problem.var, "SPANBUF_MAX_SEGMENT_LIFETIME_SECS");
         assert!(
             problem
                 .expected
-                .contains("at least SPANBUF_TIMEOUT_SECS (60)"),
+                .contains("less than SPANBUF_REDIS_TTL_SECS (3600), got 3600"),
             "{problem}"
         );
-
-        // 3540 + 60 = 3600 is not below the default TTL.
-        let problem = only_problem(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "3540")]);
-        assert_eq!(problem.var, "SPANBUF_MAX_SEGMENT_LIFETIME_SECS");
+        // Below the TTL but with less than a timeout of margin: accepted, warned.
+        let config = parse(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "3599")]).unwrap();
         assert!(
-            problem
-                .expected
-                .contains("(3540 + 60) below SPANBUF_REDIS_TTL_SECS (3600)"),
-            "{problem}"
+            config.warnings()[0].contains("margin"),
+            "{:?}",
+            config.warnings()
         );
-        assert!(parse(&[("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "3539")]).is_ok());
 
+        // The operator set only the TTL: reported on the TTL, not on the
+        // lifetime default they never touched.
         let problem = only_problem(&[("SPANBUF_REDIS_TTL_SECS", "600")]);
-        assert_eq!(problem.var, "SPANBUF_MAX_SEGMENT_LIFETIME_SECS");
-        assert!(problem.expected.contains("SPANBUF_REDIS_TTL_SECS (600)"));
+        assert_eq!(problem.var, "SPANBUF_REDIS_TTL_SECS");
+        assert!(
+            problem
+                .expected
+                .contains("more than SPANBUF_MAX_SEGMENT_LIFETIME_SECS (600), got 600"),
+            "{problem}"
+        );
+        assert!(parse(&[
+            ("SPANBUF_REDIS_TTL_SECS", "600"),
+            ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "300"),
+        ])
+        .is_ok());
 
-        // No overflow when the sum exceeds u64.
+        // No overflow at the extremes.
         let max = u64::MAX.to_string();
         let found = problems(&[
             ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", max.as_str()),
             ("SPANBUF_REDIS_TTL_SECS", max.as_str()),
         ]);
         assert_eq!(found.len(), 1);
+        assert!(parse(&[("SPANBUF_REDIS_TTL_SECS", max.as_str())])
+            .unwrap()
+            .warnings()
+            .is_empty());
     }
 
     #[test]
-    fn span_bytes_above_segment_bytes_is_refused() {
-        let problem = only_problem(&[
-            ("SPANBUF_MAX_SEGMENT_BYTES", "4096"),
-            ("SPANBUF_MAX_SPAN_BYTES", "4097"),
-        ]);
-        assert_eq!(problem.var, "SPANBUF_MAX_SPAN_BYTES");
-        assert!(problem
-            .expected
-            .contains("at most SPANBUF_MAX_SEGMENT_BYTES (4096), got 4097"));
+    fn span_bytes_may_exceed_segment_bytes() {
+        let config = parse(&[("SPANBUF_MAX_SEGMENT_BYTES", "1400")]).unwrap();
+        assert_eq!(config.buffer.max_segment_bytes, 1400);
+        assert_eq!(config.buffer.max_span_bytes, 1024 * 1024);
+        let config = parse(&[
+            ("SPANBUF_MAX_SEGMENT_BYTES", "1400"),
+            ("SPANBUF_MAX_SPAN_BYTES", "65536"),
+        ])
+        .unwrap();
+        assert_eq!(config.buffer.max_span_bytes, 65536);
+        assert!(config.warnings().is_empty());
+    }
+
+    #[test]
+    fn every_combination_of_defaults_and_one_variable_blames_that_variable() {
+        // A variable the operator did not set never makes a start fail: each
+        // problem below names the variable that was set.
+        for (name, value) in [
+            ("SPANBUF_INPUT_TOPIC", "buffered-segments"),
+            ("SPANBUF_OUTPUT_TOPIC", "ingest-spans"),
+            ("SPANBUF_REDIS_TTL_SECS", "10"),
+            ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "100000"),
+            ("SPANBUF_DLQ_TOPIC", "ingest-spans"),
+        ] {
+            let problem = only_problem(&[(name, value)]);
+            assert_eq!(problem.var, name, "{problem}");
+        }
     }
 
     #[test]
@@ -2208,8 +2282,7 @@ mod tests {
     #[test]
     fn validate_checks_a_config_built_in_code() {
         let mut config = Config::default();
-        config.buffer.root_timeout_secs = 61;
-        config.buffer.max_span_bytes = config.buffer.max_segment_bytes + 1;
+        config.buffer.max_segment_lifetime_secs = config.redis.ttl_secs;
         config.kafka.dlq_topic = Some(config.kafka.input_topic.clone());
         config.redis.pool_size = 0;
         let err = config.validate().unwrap_err();
@@ -2219,8 +2292,7 @@ mod tests {
             [
                 "SPANBUF_REDIS_POOL_SIZE",
                 "SPANBUF_DLQ_TOPIC",
-                "SPANBUF_ROOT_TIMEOUT_SECS",
-                "SPANBUF_MAX_SPAN_BYTES"
+                "SPANBUF_MAX_SEGMENT_LIFETIME_SECS"
             ]
         );
         assert_eq!(err.problems[0].value.as_deref(), Some("0"));

@@ -216,6 +216,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Config => {
+            for warning in config.warnings() {
+                eprintln!("spanbuf: warning: {warning}");
+            }
             print!("{}", config.render());
             ExitCode::SUCCESS
         }
@@ -255,12 +258,25 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs())
         .with_writer(std::io::stderr);
     match config.log.format {
         spanbuf::config::LogFormat::Json => builder.json().init(),
         spanbuf::config::LogFormat::Text => builder.init(),
     }
+    for warning in config.warnings() {
+        tracing::warn!("configuration: {warning}");
+    }
     Ok(())
+}
+
+/// Colour codes only on a terminal, and never when `NO_COLOR` is set to
+/// anything non-empty (<https://no-color.org>): a log piped to a file or a
+/// collector must be plain text.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }
 
 async fn run_worker(config: Config) -> anyhow::Result<()> {

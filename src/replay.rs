@@ -167,7 +167,10 @@ pub async fn run<S: Sink>(
         metrics.record_invalid(invalid);
 
         let now = clock.batch(batch_min);
-        ingestor.ingest(&batch, now).await?;
+        let ingested = ingestor.ingest(&batch, now).await?;
+        // Spans already buffered (a copy earlier in the batch, or the same
+        // subsegment ingested before) are duplicates, not consumed twice.
+        summary.spans_duplicate += ingested.spans_redelivered as u64;
         flush_due(&flusher, &shards, now, sink, &mut summary).await?;
     }
 

@@ -141,7 +141,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
             addr: config.http.addr,
             source,
         })?;
-    tracing::info!(addr = %listener.local_addr().map_or(config.http.addr, |a| a), "serving /metrics, /health, /ready");
     let http_task = tokio::spawn(http::serve_listener(
         listener,
         metrics.clone(),

@@ -10,6 +10,7 @@
 
 pub mod group;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -66,6 +67,30 @@ pub fn decode_batch<'a>(
     batch
 }
 
+/// The batch with every span after the first of the same `(project, trace,
+/// span id)` left out, and how many were left out. A batch can hold a span
+/// twice (a redelivery mixed into it); stored raw, both copies would collapse
+/// into one set member while the counters said two, and the flush would count
+/// the difference as lost. Borrows the batch when it has no duplicates.
+fn without_duplicates(batch: &[ShardedSpan]) -> (Cow<'_, [ShardedSpan]>, usize) {
+    let mut seen: HashSet<(u64, &str, &str)> = HashSet::with_capacity(batch.len());
+    let duplicate: Vec<bool> = batch
+        .iter()
+        .map(|s| !seen.insert((s.span.project_id, &s.span.trace_id, &s.span.span_id)))
+        .collect();
+    let count = duplicate.iter().filter(|&&d| d).count();
+    if count == 0 {
+        return (Cow::Borrowed(batch), 0);
+    }
+    let kept = batch
+        .iter()
+        .zip(duplicate)
+        .filter(|(_, duplicate)| !duplicate)
+        .map(|(span, _)| span.clone())
+        .collect();
+    (Cow::Owned(kept), count)
+}
+
 /// The ingest knobs, taken from the configuration once.
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -97,7 +122,9 @@ impl IngestSettings {
 pub struct IngestOutcome {
     /// Spans written (excluding redelivered ones).
     pub spans: usize,
-    /// Spans of subsegments that were already indexed (a redelivered batch).
+    /// Spans not written because they were there already: subsegments that
+    /// were already indexed (a redelivered batch), and second copies of a span
+    /// within the batch.
     pub spans_redelivered: usize,
     pub subsegments: usize,
     pub detached_too_large: usize,
@@ -140,6 +167,8 @@ impl Ingestor {
         }
         let timer = self.metrics.ingest_batch_duration_seconds.start_timer();
         let trips_before = self.store.round_trips();
+        let (batch, in_batch_duplicates) = without_duplicates(batch);
+        let batch = batch.as_ref();
         let subsegments = group(batch);
 
         let mut writes = Vec::with_capacity(subsegments.len());
@@ -187,6 +216,7 @@ impl Ingestor {
         let mut removes: BTreeMap<u32, HashSet<String>> = BTreeMap::new();
         let mut outcome = IngestOutcome {
             subsegments: subsegments.len(),
+            spans_redelivered: in_batch_duplicates,
             ..IngestOutcome::default()
         };
         let keys = self.store.keys();

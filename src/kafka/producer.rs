@@ -81,8 +81,8 @@ pub const HEADER_FLUSH_ID: &str = "flush_id";
 pub const HEADER_SPAN_COUNT: &str = "span_count";
 
 /// The largest record (uncompressed, plus key and headers) the producer
-/// accepts, for segments chunked at `max_segment_bytes` of serialized JSON
-/// spans.
+/// accepts, for chunks of at most `max_chunk_bytes` of serialized JSON spans
+/// (the segment limit, or one span alone when spans may be larger).
 ///
 /// JSON: the spans, one `,` between two of them (a valid span has at least
 /// 91 bytes — `trace_id`, `span_id`, `project_id` with their keys — so the
@@ -92,10 +92,10 @@ pub const HEADER_SPAN_COUNT: &str = "span_count";
 /// most 9/4 of the JSON spans' size plus the envelope. Capped at librdkafka's
 /// limit. A larger record is refused as `too_large`: counted, never dropped
 /// silently.
-pub fn message_max_bytes(max_segment_bytes: u64, codec: OutputCodec) -> u64 {
+pub fn message_max_bytes(max_chunk_bytes: u64, codec: OutputCodec) -> u64 {
     let spans = match codec {
-        OutputCodec::Json => max_segment_bytes.saturating_add(max_segment_bytes / 64),
-        OutputCodec::Msgpack => max_segment_bytes.saturating_mul(9) / 4,
+        OutputCodec::Json => max_chunk_bytes.saturating_add(max_chunk_bytes / 64),
+        OutputCodec::Msgpack => max_chunk_bytes.saturating_mul(9) / 4,
     };
     spans
         .saturating_add(ENVELOPE_HEADROOM_BYTES)
@@ -125,7 +125,13 @@ struct Setting {
 /// `transactional.id` (spanbuf does not run transactions).
 pub fn producer_config(config: &Config) -> Result<ClientConfig, KafkaError> {
     let properties = &config.kafka.producer_properties;
-    let max_bytes = message_max_bytes(config.buffer.max_segment_bytes, config.buffer.output_codec);
+    // A chunk holds at most max_segment_bytes of spans, or one span alone when
+    // that span is larger (max_span_bytes may exceed the segment limit).
+    let largest_chunk = config
+        .buffer
+        .max_segment_bytes
+        .max(config.buffer.max_span_bytes);
+    let max_bytes = message_max_bytes(largest_chunk, config.buffer.output_codec);
     check_properties(properties, max_bytes)?;
 
     let defaults = [
@@ -788,11 +794,20 @@ mod tests {
     fn effective_limits_are_read_back() {
         let mut config = config_with(&[("delivery.timeout.ms", "1234")]);
         config.buffer.max_segment_bytes = 2048;
+        config.buffer.max_span_bytes = 1024;
         let sink = KafkaSink::new(&config, Arc::new(Metrics::new().unwrap())).unwrap();
         assert_eq!(sink.message_timeout, Duration::from_millis(1234));
         assert_eq!(
             sink.max_message_bytes,
             message_max_bytes(2048, OutputCodec::Json)
+        );
+        // A span larger than the segment limit is a record alone: the
+        // producer must accept it.
+        config.buffer.max_span_bytes = 65536;
+        let sink = KafkaSink::new(&config, Arc::new(Metrics::new().unwrap())).unwrap();
+        assert_eq!(
+            sink.max_message_bytes,
+            message_max_bytes(65536, OutputCodec::Json)
         );
         assert_eq!(sink.topic(), "buffered-segments");
     }
