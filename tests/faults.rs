@@ -495,9 +495,15 @@ fn slow_delivery_keeps_its_locks() {
     let redis = RedisServer::start();
     let broker = Broker::start();
     topics(&broker);
+    // Both groups must cut the input into the same batches for the second
+    // one's ingest to be idempotent (same subsegments, same salts). How 4
+    // partitions interleave in a fetch varies, so each group takes all 800
+    // spans as one batch, however slowly a loaded machine fetches.
     let common = [
         ("SPANBUF_REDIS_URL", redis.url()),
         ("SPANBUF_FLUSH_LOCK_TTL_SECS", "1".to_string()),
+        ("SPANBUF_BATCH_MAX_SPANS", "1000".to_string()),
+        ("SPANBUF_BATCH_MAX_MS", "5000".to_string()),
     ];
     let mut slow_vars = common.to_vec();
     slow_vars.push(("SPANBUF_FAULT_DELIVER_DELAY_MS", "6000".into()));
