@@ -1,5 +1,5 @@
 --[[
-add_buffer.lua: insert one subsegment into its segment (DESIGN §5 step 4).
+add_buffer.lua: insert one subsegment into its segment (docs/design.md §5 step 4).
 
 Purpose
   Resolve the subsegment's segment root through the redirect map, record

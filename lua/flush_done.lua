@@ -1,5 +1,5 @@
 --[[
-flush_done.lua: precise cleanup of a delivered segment (DESIGN §6 step 6).
+flush_done.lua: precise cleanup of a delivered segment (docs/design.md §6 step 6).
 
 Purpose
   After Kafka confirmed delivery, remove exactly the salts that were delivered

@@ -1,5 +1,5 @@
 --[[
-flush_load.lua: lock a due segment and read its index and counters (DESIGN §6
+flush_load.lua: lock a due segment and read its index and counters (docs/design.md §6
 steps 2–3), atomically.
 
 Purpose

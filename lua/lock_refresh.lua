@@ -1,6 +1,6 @@
 --[[
 lock_refresh.lua: extend a flush lock while its holder is still delivering
-(DESIGN §6 step 5).
+(docs/design.md §6 step 5).
 
 Purpose
   A delivery can take longer than the lock TTL (a slow or recovering broker).

@@ -1,6 +1,6 @@
 --[[
 queue_remove.lua: remove flushed segments from a flush queue, but only entries
-whose deadline is unchanged (DESIGN §6 step 6).
+whose deadline is unchanged (docs/design.md §6 step 6).
 
 Purpose
   A segment that received spans after the flusher read its queue entry has a

@@ -6,7 +6,7 @@
 #   - a C/C++ toolchain and make, which the bundled librdkafka build needs,
 #     and OpenSSL's headers (libssl-dev, pkg-config) for its TLS
 #   - DejaVu Sans (fonts-dejavu-core), the font of `spanbuf bench`'s plot
-# Safe to run repeatedly; prints one line per dependency. See DESIGN.md §10.
+# Safe to run repeatedly; prints one line per dependency. See docs/design.md §10.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,5 +1,5 @@
 //! The one typed [`Config`] of a spanbuf process, read from `SPANBUF_*` environment
-//! variables (DESIGN §8).
+//! variables (docs/design.md §8).
 //!
 //! Owns: the name, default and meaning of every variable ([`VARIABLES`], the table the
 //! README is checked against), the typed sections with their defaults (`impl Default`
@@ -121,7 +121,7 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::REDIS_TTL_SECS,
         default: "3600",
-        meaning: "TTL of every Redis key, in seconds; must exceed SPANBUF_MAX_SEGMENT_LIFETIME_SECS + SPANBUF_TIMEOUT_SECS",
+        meaning: "TTL of every Redis key, in seconds; must exceed SPANBUF_MAX_SEGMENT_LIFETIME_SECS",
     },
     VarDoc {
         name: var::REDIS_POOL_SIZE,
@@ -1211,7 +1211,7 @@ impl Config {
         );
 
         // Cross-field rules: only combinations that cannot work or would lose
-        // data (DESIGN §8). Merely unusual ones are `warnings()`. Each is
+        // data (docs/design.md §8). Merely unusual ones are `warnings()`. Each is
         // reported on a variable the operator set, so defaults never fail a start.
         if k.output_topic == k.input_topic {
             c.cross_either(
@@ -2152,7 +2152,7 @@ mod tests {
     #[test]
     fn unusual_timeouts_and_lifetimes_are_accepted_with_a_warning() {
         // A root timeout above the timeout, and a lifetime cap below the
-        // timeouts, work: they are unusual, not wrong (DESIGN §8).
+        // timeouts, work: they are unusual, not wrong (docs/design.md §8).
         let config = parse(&[
             ("SPANBUF_TIMEOUT_SECS", "30"),
             ("SPANBUF_ROOT_TIMEOUT_SECS", "31"),

@@ -1,5 +1,5 @@
 //! Test-only fault points in the flush path, for the crash and slow-sink
-//! tests (issue 6): compiled in only with the `fault-points` feature, which
+//! tests: compiled in only with the `fault-points` feature, which
 //! the crate's own dev-dependency turns on for `cargo test` and which no
 //! release build enables. Without the feature every function here is a
 //! constant no-op and the `SPANBUF_FAULT_*` variables are rejected by the

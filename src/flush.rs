@@ -1,4 +1,4 @@
-//! The flusher (DESIGN §6): due candidates → lock → load → build → deliver →
+//! The flusher (docs/design.md §6): due candidates → lock → load → build → deliver →
 //! precise cleanup, for the shards this process owns.
 //!
 //! One [`Flusher::flush_cycle`] handles up to `SPANBUF_MAX_FLUSH_SEGMENTS`

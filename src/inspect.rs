@@ -115,7 +115,7 @@ pub struct Totals {
     pub payload_members: u64,
     /// Sum of the `P:ic:<segment key>` counters found by the scan: spans
     /// ingested into segments and not yet removed by a flush's cleanup
-    /// (DESIGN §4, §6). This is the span count of the buffer.
+    /// (docs/design.md §4, §6). This is the span count of the buffer.
     pub spans_buffered: u64,
     /// Member-keys indexes `P:mk:{pt}:root`: segments that hold data.
     pub segment_indexes: u64,

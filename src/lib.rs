@@ -14,9 +14,9 @@
 //! - [`config`]: the one typed configuration, from `SPANBUF_*` variables only.
 //! - [`span`]: what a span is to spanbuf: decoding (JSON / MessagePack), the
 //!   invalid-input reasons, and the payload compression format in Redis.
-//! - [`ingest`]: one batch of spans → subsegments → Redis (DESIGN §5).
+//! - [`ingest`]: one batch of spans → subsegments → Redis (docs/design.md §5).
 //! - [`flush`]: due segments → lock → load → records → [`sink`] → precise
-//!   cleanup (DESIGN §6).
+//!   cleanup (docs/design.md §6).
 //! - [`replay`]: recorded spans through ingest and flush without Kafka (§7).
 //! - [`store`]: the only code that talks to Redis: key layout (Sentry
 //!   compatible), Lua scripts, pipelined stages over standalone or cluster.

@@ -1,9 +1,9 @@
 //! Every metric spanbuf exports, declared once, with its own Registry.
 //!
-//! Metric names appear in this file only (STYLE.md). Each field's doc comment
+//! Metric names appear in this file only (the house rule: one metrics file). Each field's doc comment
 //! is its HELP text. Labels come from closed sets (`reason`, `kind`, …), never
 //! from ids. Callers record per batch, not per span. The loss-accounting names
-//! are fixed by DESIGN §9.
+//! are fixed by docs/design.md §9.
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,

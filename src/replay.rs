@@ -1,4 +1,4 @@
-//! `spanbuf replay` (DESIGN §7): recorded spans through the real ingest and
+//! `spanbuf replay` (docs/design.md §7): recorded spans through the real ingest and
 //! flush code against Redis, without Kafka.
 //!
 //! Reads NDJSON, cuts it into batches, gives each batch the clock of its

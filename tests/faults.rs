@@ -1,4 +1,4 @@
-//! Faults with real processes (issue 6): a worker SIGKILLed at each phase of a
+//! Faults with real processes: a worker SIGKILLed at each phase of a
 //! flush and replaced, the broker unresponsive while segments are due, Redis
 //! restarted with and without persistence. Every test ends with the audit of
 //! the output topic (tests/e2e `Output`): every span delivered under its root,

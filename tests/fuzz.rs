@@ -1,5 +1,5 @@
-//! Property tests of the input boundary: the span decoder (DESIGN §2) and
-//! in-batch grouping (DESIGN §5 step 2) on arbitrary and near-valid input.
+//! Property tests of the input boundary: the span decoder (docs/design.md §2) and
+//! in-batch grouping (docs/design.md §5 step 2) on arbitrary and near-valid input.
 //!
 //! - `decode_span` never panics; what it accepts has well-formed ids and a
 //!   payload the flusher can parse; valid spans keep their fields; one

@@ -1,4 +1,4 @@
-//! `spanbuf run` fed a topic of mixed garbage (DESIGN §2, "invalid input never
+//! `spanbuf run` fed a topic of mixed garbage (docs/design.md §2, "invalid input never
 //! crashes the worker and never blocks a partition"): a few thousand invalid
 //! messages of every kind, interleaved with valid spans, against a real
 //! redis-server, the tansu broker and the spanbuf binary.

@@ -1,7 +1,7 @@
 //! Ingest scenarios against real Redis, standalone and a local 3-master
 //! cluster: the state Redis holds after each scenario (which segment each
 //! span's payload is indexed under, counters, queue members and scores, key
-//! names, types and TTLs) is the contract of DESIGN §4–§5.
+//! names, types and TTLs) is the contract of docs/design.md §4–§5.
 
 mod common;
 mod support;

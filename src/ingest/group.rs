@@ -1,4 +1,4 @@
-//! In-batch grouping (DESIGN §5 step 2): spans of one batch → subsegments.
+//! In-batch grouping (docs/design.md §5 step 2): spans of one batch → subsegments.
 //!
 //! Follows effective parents inside the batch so that each subsegment is a
 //! flat list of spans under its top-most known parent, keyed by

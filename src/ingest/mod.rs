@@ -1,4 +1,4 @@
-//! Ingest of one batch (DESIGN §5 steps 2–5): group → compress → insert →
+//! Ingest of one batch (docs/design.md §5 steps 2–5): group → compress → insert →
 //! queue.
 //!
 //! Takes already decoded spans (decoding and the counting of invalid input
@@ -40,7 +40,7 @@ impl IngestError {
     }
 }
 
-/// A batch of raw messages after decoding (DESIGN §5 step 1).
+/// A batch of raw messages after decoding (docs/design.md §5 step 1).
 #[derive(Debug, Default)]
 pub struct DecodedBatch {
     pub spans: Vec<ShardedSpan>,

@@ -1,5 +1,5 @@
 //! How span payloads are packed into one Redis set member and back
-//! (DESIGN §4, REFERENCE §3.3), in the layout Sentry's span buffer uses so both
+//! (docs/design.md §4), in the layout Sentry's span buffer uses so both
 //! can read each other's data:
 //!
 //! - compression level `-1`: every payload is its own member, stored raw;

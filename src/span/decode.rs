@@ -1,4 +1,4 @@
-//! Decoding one input span (DESIGN §2): bytes in, a [`Span`] or an
+//! Decoding one input span (docs/design.md §2): bytes in, a [`Span`] or an
 //! [`InvalidSpan`] out.
 //!
 //! This is the ingest hot path. JSON input is parsed once, in place, into a

@@ -1,7 +1,7 @@
 //! Span model: what a span is to spanbuf.
 //!
 //! A span arrives as one JSON object (or the same object in MessagePack) in the
-//! `ingest-spans` schema (DESIGN §2). spanbuf reads only the handful of fields it
+//! `ingest-spans` schema (docs/design.md §2). spanbuf reads only the handful of fields it
 //! needs to place the span in a segment and keeps everything else as an opaque
 //! JSON payload that it stores in Redis and re-emits at flush.
 //!
@@ -48,7 +48,7 @@ pub struct Span {
 }
 
 impl Span {
-    /// DESIGN §2: own id if a root, else the known segment id, else the parent id.
+    /// docs/design.md §2: own id if a root, else the known segment id, else the parent id.
     pub fn effective_parent_id(&self) -> &str {
         if self.is_segment_span {
             return &self.span_id;

@@ -1,4 +1,4 @@
-//! The output record (DESIGN §3) and how one segment's buffered payloads
+//! The output record (docs/design.md §3) and how one segment's buffered payloads
 //! become records.
 //!
 //! [`build_records`] turns the decompressed payloads of one segment (or of a
@@ -46,7 +46,7 @@ const FLUSH_ID_DOMAIN: &[u8] = b"spanbuf.flush_id.v1";
 /// The attribute that names a span's segment.
 const SEGMENT_ID_ATTRIBUTE: &str = "sentry.segment.id";
 
-/// One output record (DESIGN §3). Field names are the contract for both codecs.
+/// One output record (docs/design.md §3). Field names are the contract for both codecs.
 ///
 /// Equality compares spans by their JSON text.
 #[derive(Debug, Clone)]
@@ -208,7 +208,7 @@ pub struct BuiltSegment {
     pub span_ids: Vec<String>,
 }
 
-/// Builds the records of one segment (DESIGN §3).
+/// Builds the records of one segment (docs/design.md §3).
 ///
 /// - A payload that is not a JSON object with a string `span_id` is counted in
 ///   `unparseable`; a `span_id` seen earlier in the segment is counted in

@@ -1,4 +1,4 @@
-//! Store operations of the flush path (DESIGN §6): queue reads, lock and
+//! Store operations of the flush path (docs/design.md §6): queue reads, lock and
 //! snapshot, paged payload loading, precise cleanup.
 //!
 //! Translates flush requests into pipelined stages and parses the replies;

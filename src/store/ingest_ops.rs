@@ -1,4 +1,4 @@
-//! Store operations of the ingest path (DESIGN §5 steps 3–5): payload sets,
+//! Store operations of the ingest path (docs/design.md §5 steps 3–5): payload sets,
 //! the `add_buffer` insert script, and the queue update.
 //!
 //! Translates ingest requests into pipelined commands and parses the replies.

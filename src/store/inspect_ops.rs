@@ -68,7 +68,7 @@ pub struct QueueStats {
     pub oldest_deadline: Option<f64>,
 }
 
-/// The family of a key under the prefix, after DESIGN §4.
+/// The family of a key under the prefix, after docs/design.md §4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyFamily {
     /// `P:q:<shard>` or `P:q:<slice>-<shard>`.

@@ -1,4 +1,4 @@
-//! Key builders for the Redis layout of DESIGN §4 (Sentry-compatible).
+//! Key builders for the Redis layout of docs/design.md §4 (Sentry-compatible).
 //!
 //! Owns every key name spanbuf reads or writes; no other module formats a key.
 //! Must not talk to Redis. Everything a segment owns shares the `{pt}` hash tag

@@ -266,7 +266,7 @@ impl Store {
             .collect())
     }
 
-    /// Keeps the data-loss marker (DESIGN §6, spanbuf's own): sets it to
+    /// Keeps the data-loss marker (docs/design.md §6, spanbuf's own): sets it to
     /// `token` if it is missing, refreshes its TTL, and returns whether it was
     /// created now and the value it holds. One round trip.
     pub async fn touch_marker(

@@ -45,7 +45,7 @@ impl LuaScript {
 
 /// Every script spanbuf runs.
 pub struct Scripts {
-    /// `lua/add_buffer.lua`: insert one subsegment (DESIGN §5 step 4).
+    /// `lua/add_buffer.lua`: insert one subsegment (docs/design.md §5 step 4).
     pub add_buffer: LuaScript,
     /// `lua/flush_load.lua`: lock a segment and snapshot its index (§6 steps 2–3).
     pub flush_load: LuaScript,
@@ -95,7 +95,7 @@ impl Default for Scripts {
 mod tests {
     use super::*;
 
-    /// DESIGN §4: each script opens with a comment stating purpose, KEYS,
+    /// docs/design.md §4: each script opens with a comment stating purpose, KEYS,
     /// ARGV, return value and slot.
     #[test]
     fn every_script_has_its_header() {

@@ -1,6 +1,6 @@
 //! Shared set-up for the Redis-state tests: a real Redis (standalone or a
 //! local 3-master cluster), a Store and Ingestor on it, span builders, and an
-//! inspector that reads the buffer's keys back the way DESIGN §4 lays them out.
+//! inspector that reads the buffer's keys back the way docs/design.md §4 lays them out.
 //!
 //! Each test binary compiles this module separately and uses a subset of it.
 #![allow(dead_code)]
@@ -189,7 +189,7 @@ impl Env {
     }
 
     /// Every key under the prefix has a TTL within (0, TTL] and the type
-    /// DESIGN §4 gives its family; no other key family exists.
+    /// docs/design.md §4 gives its family; no other key family exists.
     pub async fn assert_layout(&mut self) {
         let prefix = self.config.redis.key_prefix.clone();
         let ttl = self.config.redis.ttl_secs as i64;

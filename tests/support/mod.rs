@@ -1,4 +1,4 @@
-//! Real server processes for integration tests (DESIGN.md §10): a standalone
+//! Real server processes for integration tests (docs/design.md §10): a standalone
 //! `redis-server`, a three-master Redis Cluster and a tansu Kafka-protocol broker.
 //!
 //! Every server runs on free 127.0.0.1 ports in its own temporary directory, and is
