@@ -71,6 +71,9 @@ mod var {
     pub const SEGMENT_PAGE_SIZE: &str = "SPANBUF_SEGMENT_PAGE_SIZE";
     pub const FLUSH_INTERVAL_MS: &str = "SPANBUF_FLUSH_INTERVAL_MS";
     pub const MAX_FLUSH_LAG_SECS: &str = "SPANBUF_MAX_FLUSH_LAG_SECS";
+    pub const WINDOW_MAX_SPANS: &str = "SPANBUF_WINDOW_MAX_SPANS";
+    pub const WINDOW_MAX_BYTES: &str = "SPANBUF_WINDOW_MAX_BYTES";
+    pub const WINDOW_MAX_MS: &str = "SPANBUF_WINDOW_MAX_MS";
     pub const MAX_REDIS_MEMORY_PERCENT: &str = "SPANBUF_MAX_REDIS_MEMORY_PERCENT";
     pub const MAX_LOOP_STALL_SECS: &str = "SPANBUF_MAX_LOOP_STALL_SECS";
     pub const SHUTDOWN_TIMEOUT_SECS: &str = "SPANBUF_SHUTDOWN_TIMEOUT_SECS";
@@ -224,6 +227,21 @@ pub const VARIABLES: &[VarDoc] = &[
         meaning: "SSCAN COUNT when loading a segment's payload sets (1 to 100000)",
     },
     VarDoc {
+        name: var::WINDOW_MAX_SPANS,
+        default: "10000",
+        meaning: "coalescing window: consumed spans staged in memory before one write to Redis (1 to 1000000)",
+    },
+    VarDoc {
+        name: var::WINDOW_MAX_BYTES,
+        default: "33554432",
+        meaning: "coalescing window: staged payload bytes that make a window due (at least 1024)",
+    },
+    VarDoc {
+        name: var::WINDOW_MAX_MS,
+        default: "250",
+        meaning: "coalescing window: the longest a consumed span waits in memory before its window is written, in milliseconds (0 to 60000; 0 = every poll batch is its own window)",
+    },
+    VarDoc {
         name: var::FLUSH_INTERVAL_MS,
         default: "500",
         meaning: "pause between flush cycles when nothing more is due, in milliseconds (10 to 60000)",
@@ -308,6 +326,9 @@ fn expected(name: &str) -> &'static str {
         var::SEGMENT_PAGE_SIZE => "expected a whole number from 1 to 100000 (e.g. 100)",
         var::FLUSH_INTERVAL_MS => "expected a whole number of milliseconds from 10 to 60000 (e.g. 500)",
         var::MAX_FLUSH_LAG_SECS => "expected a whole number of seconds, 0 to disable (e.g. 30)",
+        var::WINDOW_MAX_SPANS => "expected a whole number from 1 to 1000000 (e.g. 10000)",
+        var::WINDOW_MAX_BYTES => "expected a whole number of bytes, at least 1024 (e.g. 33554432)",
+        var::WINDOW_MAX_MS => "expected a whole number of milliseconds from 0 to 60000 (e.g. 250)",
         var::MAX_REDIS_MEMORY_PERCENT => "expected a whole number from 0 (disabled) to 100 (e.g. 90)",
         var::MAX_LOOP_STALL_SECS => "expected a whole number of seconds from 1 to 86400 (e.g. 60)",
         var::SHUTDOWN_TIMEOUT_SECS => "expected a whole number of seconds from 1 to 3600 (e.g. 30)",
@@ -336,6 +357,15 @@ pub struct Config {
 /// How the `spanbuf run` worker paces, protects and stops itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
+    /// `SPANBUF_WINDOW_MAX_SPANS`: a coalescing window (docs/design.md §5) is
+    /// written once it stages this many spans, 1..=1000000; 10000 by default.
+    pub window_max_spans: usize,
+    /// `SPANBUF_WINDOW_MAX_BYTES`: ... or this many payload bytes, ≥ 1024; 32 MiB
+    /// by default (with the span bound, what a worker holds in memory).
+    pub window_max_bytes: usize,
+    /// `SPANBUF_WINDOW_MAX_MS`: ... or once its oldest batch is this old,
+    /// milliseconds, 0..=60000 (0: each poll batch is a window); 250 by default.
+    pub window_max_ms: u64,
     /// `SPANBUF_FLUSH_INTERVAL_MS`: pause between flush cycles when nothing more is
     /// due, milliseconds, 10..=60000; 500 by default.
     pub flush_interval_ms: u64,
@@ -358,6 +388,9 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
+            window_max_spans: 10_000,
+            window_max_bytes: 32 * 1024 * 1024,
+            window_max_ms: 250,
             flush_interval_ms: 500,
             max_flush_lag_secs: 30,
             max_redis_memory_percent: 90,
@@ -1017,6 +1050,9 @@ impl Config {
             var::SEGMENT_PAGE_SIZE => b.segment_page_size = num(value)?,
             var::FLUSH_INTERVAL_MS => self.worker.flush_interval_ms = num(value)?,
             var::MAX_FLUSH_LAG_SECS => self.worker.max_flush_lag_secs = num(value)?,
+            var::WINDOW_MAX_SPANS => self.worker.window_max_spans = num(value)?,
+            var::WINDOW_MAX_BYTES => self.worker.window_max_bytes = num(value)?,
+            var::WINDOW_MAX_MS => self.worker.window_max_ms = num(value)?,
             var::MAX_REDIS_MEMORY_PERCENT => self.worker.max_redis_memory_percent = num(value)?,
             var::MAX_LOOP_STALL_SECS => self.worker.max_loop_stall_secs = num(value)?,
             var::SHUTDOWN_TIMEOUT_SECS => self.worker.shutdown_timeout_secs = num(value)?,
@@ -1189,6 +1225,21 @@ impl Config {
             w.flush_interval_ms,
         );
         c.require(
+            var::WINDOW_MAX_SPANS,
+            (1..=1_000_000).contains(&w.window_max_spans),
+            w.window_max_spans,
+        );
+        c.require(
+            var::WINDOW_MAX_BYTES,
+            w.window_max_bytes >= 1024,
+            w.window_max_bytes,
+        );
+        c.require(
+            var::WINDOW_MAX_MS,
+            w.window_max_ms <= 60_000,
+            w.window_max_ms,
+        );
+        c.require(
             var::MAX_REDIS_MEMORY_PERCENT,
             w.max_redis_memory_percent <= 100,
             w.max_redis_memory_percent,
@@ -1305,6 +1356,15 @@ impl Config {
                 b.slice_id.map(|id| id.to_string()).unwrap_or_default(),
             ),
             (var::SEGMENT_PAGE_SIZE, b.segment_page_size.to_string()),
+            (
+                var::WINDOW_MAX_SPANS,
+                self.worker.window_max_spans.to_string(),
+            ),
+            (
+                var::WINDOW_MAX_BYTES,
+                self.worker.window_max_bytes.to_string(),
+            ),
+            (var::WINDOW_MAX_MS, self.worker.window_max_ms.to_string()),
             (
                 var::FLUSH_INTERVAL_MS,
                 self.worker.flush_interval_ms.to_string(),

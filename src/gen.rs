@@ -27,6 +27,11 @@ pub struct GenSpec {
     pub payload_bytes: usize,
     /// Arrival order is shuffled within windows of this many lines (0 or 1 = in order).
     pub shuffle_window: usize,
+    /// How the window moves: sliding (every span arrives up to a window late,
+    /// so a segment's spans spread over about a window of lines and children
+    /// come before their parents half the time, as real traffic does) or in
+    /// fixed blocks (each block shuffled on its own).
+    pub shuffle: Shuffle,
     /// Fraction of spans that arrive `late_after_secs` after the rest of the stream.
     pub late_fraction: f64,
     pub late_after_secs: f64,
@@ -39,6 +44,17 @@ pub struct GenSpec {
     pub rate: f64,
 }
 
+/// The arrival order of [`GenSpec::shuffle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Shuffle {
+    /// Lines pass through a buffer of a window's lines from which each new
+    /// line pushes a random one out: a window that slides along the stream.
+    #[default]
+    Sliding,
+    /// The stream is cut into blocks of a window, each shuffled on its own.
+    Blocks,
+}
+
 impl Default for GenSpec {
     fn default() -> Self {
         Self {
@@ -49,6 +65,7 @@ impl Default for GenSpec {
             depth: 3,
             payload_bytes: 900,
             shuffle_window: 1000,
+            shuffle: Shuffle::Sliding,
             late_fraction: 0.0,
             late_after_secs: 120.0,
             invalid_fraction: 0.0,
@@ -154,8 +171,30 @@ pub fn generate(spec: &GenSpec, mut emit: impl FnMut(&[u8])) -> GenSummary {
     let (mut on_time, late): (Vec<Pending>, Vec<Pending>) =
         stream.into_iter().partition(|p| !p.late);
     if spec.shuffle_window > 1 {
-        for window in on_time.chunks_mut(spec.shuffle_window) {
-            window.shuffle(&mut rng);
+        match spec.shuffle {
+            Shuffle::Sliding => {
+                // A buffer of a window's lines; each line in pushes a random
+                // one out. A line waits a window on average, some much longer.
+                let mut buffer: Vec<Pending> = Vec::with_capacity(spec.shuffle_window);
+                let mut shuffled = Vec::with_capacity(on_time.len());
+                for pending in on_time {
+                    buffer.push(pending);
+                    if buffer.len() == spec.shuffle_window {
+                        let pick = rng.random_range(0..buffer.len());
+                        shuffled.push(buffer.swap_remove(pick));
+                    }
+                }
+                while !buffer.is_empty() {
+                    let pick = rng.random_range(0..buffer.len());
+                    shuffled.push(buffer.swap_remove(pick));
+                }
+                on_time = shuffled;
+            }
+            Shuffle::Blocks => {
+                for window in on_time.chunks_mut(spec.shuffle_window) {
+                    window.shuffle(&mut rng);
+                }
+            }
         }
     }
     let step = 1.0 / spec.rate.max(1e-9);
@@ -213,6 +252,8 @@ fn invalid_line(rng: &mut StdRng, valid: &serde_json::Value) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::span::decode_span;
 
@@ -234,6 +275,50 @@ mod tests {
             ..spec.clone()
         };
         assert_ne!(lines(&spec).0, lines(&other).0);
+    }
+
+    #[test]
+    fn sliding_shuffle_spreads_a_segment_and_puts_children_first_often() {
+        let spec = GenSpec {
+            traces: 200,
+            ..GenSpec::default()
+        };
+        let (out, _) = lines(&spec);
+        let spans: Vec<_> = out
+            .iter()
+            .map(|l| decode_span(l, 1 << 20).expect("valid"))
+            .collect();
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        let mut position: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in spans.iter().enumerate() {
+            first.entry(s.trace_id.as_str()).or_insert(i);
+            last.insert(s.trace_id.as_str(), i);
+            position.insert(s.span_id.as_str(), i);
+        }
+        // A 20-span segment spreads over most of a 1000-line window.
+        let mean_spread =
+            first.iter().map(|(t, f)| (last[t] - f) as f64).sum::<f64>() / first.len() as f64;
+        assert!(mean_spread > 600.0, "mean spread {mean_spread}");
+        // Children before their parents about half the time.
+        let with_parent: Vec<_> = spans
+            .iter()
+            .filter_map(|s| Some((s, position.get(s.parent_span_id.as_deref()?)?)))
+            .collect();
+        let early = with_parent
+            .iter()
+            .filter(|(s, &p)| position[s.span_id.as_str()] < p)
+            .count() as f64
+            / with_parent.len() as f64;
+        assert!((0.3..0.6).contains(&early), "children first {early}");
+
+        // Blocks are another order of the same spans.
+        let blocks = GenSpec {
+            shuffle: Shuffle::Blocks,
+            ..spec
+        };
+        let (out, _) = lines(&blocks);
+        assert_ne!(out, lines(&spec).0);
     }
 
     #[test]

@@ -36,6 +36,7 @@
 
 pub mod audit;
 pub mod bench;
+pub mod clock;
 pub mod config;
 pub mod fault;
 pub mod flush;

@@ -164,6 +164,10 @@ struct GenArgs {
     /// Arrival is shuffled within windows of this many lines.
     #[arg(long, default_value_t = 1000)]
     shuffle_window: usize,
+    /// How the shuffle window moves: sliding (realistic: a segment spreads over
+    /// about a window, children often before parents) or fixed blocks.
+    #[arg(long, value_enum, default_value_t = spanbuf::gen::Shuffle::Sliding)]
+    shuffle: spanbuf::gen::Shuffle,
     /// Fraction (0..1) of spans that arrive --late-after-secs after the rest.
     #[arg(long, default_value_t = 0.0)]
     late_fraction: f64,
@@ -414,6 +418,7 @@ fn gen(config: &Config, args: GenArgs) -> anyhow::Result<()> {
         depth: usize::try_from(args.depth)?,
         payload_bytes: args.payload_bytes,
         shuffle_window: args.shuffle_window,
+        shuffle: args.shuffle,
         late_fraction: args.late_fraction,
         late_after_secs: args.late_after_secs,
         invalid_fraction: args.invalid_fraction,

@@ -81,6 +81,11 @@ pub struct Metrics {
     pub offset_commits_total: IntCounterVec,
     /// Partitions currently assigned to this process.
     pub assigned_partitions: prometheus::IntGauge,
+    /// Valid spans per coalescing window written to Redis.
+    pub window_spans: Histogram,
+    /// Staged spans of partitions revoked before their window was written,
+    /// left uncommitted for the partition's new owner (not a loss).
+    pub window_spans_released_total: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +178,24 @@ pub const BACKPRESSURE_REASONS: [&str; 3] = ["flush_lag", "redis_memory", "redis
 /// The closed `reason` set of `spanbuf_spans_dropped_total`.
 pub const DROP_REASONS: [&str; 2] = ["expired", "unreadable"];
 
+/// Spans per window: 1 … 1,000,000.
+fn window_buckets() -> Vec<f64> {
+    vec![
+        1.0,
+        10.0,
+        100.0,
+        500.0,
+        1000.0,
+        2000.0,
+        5000.0,
+        10_000.0,
+        20_000.0,
+        50_000.0,
+        100_000.0,
+        1_000_000.0,
+    ]
+}
+
 /// Latency buckets for Redis-bound work: 0.5 ms … 10 s.
 fn latency_buckets() -> Vec<f64> {
     vec![
@@ -223,6 +246,8 @@ impl Metrics {
             messages_consumed_total: counter(&r, "spanbuf_messages_consumed_total", "Kafka input messages consumed (valid or not).")?,
             offset_commits_total: counter_vec(&r, "spanbuf_offset_commits_total", "Offset commits, by outcome (ok, error).", "outcome")?,
             assigned_partitions: register(&r, "spanbuf_assigned_partitions", prometheus::IntGauge::new("spanbuf_assigned_partitions", "Partitions currently assigned to this process."))?,
+            window_spans: histogram(&r, "spanbuf_window_spans", "Valid spans per coalescing window written to Redis.", window_buckets())?,
+            window_spans_released_total: counter(&r, "spanbuf_window_spans_released_total", "Staged spans of partitions revoked before their window was written, left uncommitted for the new owner (not a loss).")?,
             registry: r,
         };
         // Closed label sets are exported from the start, at zero, so alerts

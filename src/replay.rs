@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::clock::ReplayClock;
 use crate::config::Config;
 use crate::flush::{CycleOutcome, FlushError, FlushSettings, Flusher};
 use crate::ingest::{IngestError, IngestSettings, Ingestor, ShardedSpan};
@@ -128,7 +129,7 @@ pub async fn run<S: Sink>(
     let max_span_bytes = usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX);
 
     let mut summary = ReplaySummary::default();
-    let mut clock = Clock::default();
+    let mut clock = ReplayClock::default();
     let mut lines = input.lines();
     loop {
         // One batch of non-blank lines.
@@ -206,55 +207,9 @@ async fn flush_due<S: Sink>(
     }
 }
 
-/// The replay clock: a line without `received` takes the clock of the line
-/// before it; a batch runs at its minimum line clock; the clock never goes
-/// backwards. Before any `received` is seen, wall time.
-#[derive(Debug, Default)]
-struct Clock {
-    last_line: Option<f64>,
-    now: Option<f64>,
-}
-
-impl Clock {
-    fn line(&mut self, received: Option<f64>) -> f64 {
-        let c = received.or(self.last_line).unwrap_or_else(wall_time);
-        self.last_line = Some(c);
-        c
-    }
-
-    fn batch(&mut self, batch_min: f64) -> f64 {
-        let now = self.now.map_or(batch_min, |prev| prev.max(batch_min));
-        self.now = Some(now);
-        now
-    }
-
-    fn current(&self) -> f64 {
-        self.now.unwrap_or_else(wall_time)
-    }
-}
-
-fn wall_time() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clock_follows_received_never_backwards() {
-        let mut c = Clock::default();
-        assert_eq!(c.line(Some(100.0)), 100.0);
-        assert_eq!(c.line(None), 100.0);
-        assert_eq!(c.line(Some(90.0)), 90.0);
-        assert_eq!(c.batch(90.0), 90.0);
-        assert_eq!(c.line(Some(80.0)), 80.0);
-        assert_eq!(c.batch(80.0), 90.0, "never backwards");
-        assert_eq!(c.batch(120.0), 120.0);
-        assert_eq!(c.current(), 120.0);
-    }
 
     #[test]
     fn shard_is_the_trace_id_modulo() {

@@ -1,39 +1,46 @@
 //! `spanbuf run`: the Kafka consumer-group worker.
 //!
 //! Three loops under one cancellation token:
-//! - **consume**: batches from the input topic → decode (invalid spans counted
-//!   and sent to the dead-letter topic) → ingest into Redis → commit offsets,
-//!   in that order, only for partitions still held. Backpressure pauses the
-//!   assigned partitions (never a sleep in the poll loop): soft when the
-//!   flusher is behind, hard when Redis memory is near its limit, and while
-//!   Redis is unreachable (retried with capped backoff, nothing committed).
+//! - **consume**: poll batches from the input topic → decode (invalid spans
+//!   counted and sent to the dead-letter topic) → stage in a coalescing window
+//!   (docs/design.md §5) → when the window is full or old enough, ingest it
+//!   into Redis → commit its offsets, in that order, only for partitions still
+//!   held in the epoch they were consumed in (a revoked partition's staged
+//!   spans are dropped uncommitted). Backpressure pauses the assigned
+//!   partitions (never a sleep in the poll loop): soft when the flusher is
+//!   behind, hard when Redis memory is near its limit, and while Redis is
+//!   unreachable (retried with capped backoff, nothing committed).
 //! - **flush**: cycles over the shards held now at the worker clock (the
-//!   minimum Kafka timestamp of the latest batch, carried forward in wall
-//!   time), delivering to the output topic and awaiting the broker.
+//!   oldest Kafka timestamp of the latest window, carried forward in wall
+//!   time; held there while a window is staged), delivering to the output
+//!   topic and awaiting the broker.
 //! - **http**: `/metrics`, `/health`, `/ready`.
 //!
-//! Shutdown (SIGTERM/SIGINT): stop consuming, finish the batch in hand into
+//! Shutdown (SIGTERM/SIGINT): stop consuming, write the window in hand to
 //! Redis, commit what Redis acknowledged, let the flusher finish its cycle,
 //! flush the producer, exit 0; a second signal exits at once. A loop that
 //! ends with an error stops the others and the process exits non-zero.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::CommitMode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{wall_ms, LiveClock};
 use crate::config::Config;
 use crate::flush::{FlushSettings, Flusher};
 use crate::http::{self, Health};
+use crate::ingest::window::{PartitionMark, Window, WindowBounds};
 use crate::ingest::{IngestSettings, Ingestor, ShardedSpan};
 use crate::kafka::consumer::{Consumed, InputConsumer};
 use crate::kafka::producer::KafkaSink;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
-use crate::span::{decode_span, InvalidSpan};
+use crate::span::{decode_span_bytes, InvalidSpan};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,64 +67,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the hard backpressure check reads Redis memory.
 const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
-/// The worker clock: the latest batch's minimum Kafka timestamp, carried
-/// forward in wall time (so a backlog does not flush early, and an idle
-/// worker still moves on). While a batch is being handled (dead letters,
-/// ingest, retries) the clock stays at that batch's minimum timestamp: the
-/// spans in hand are not in Redis yet, and a slow batch must not let the
-/// segments they extend fall due and flush without them.
-#[derive(Debug)]
-pub struct WorkerClock {
-    /// Batch timestamp minus wall time at that batch, milliseconds.
-    drift_ms: AtomicI64,
-    /// The minimum timestamp of the batch in hand, ms; `i64::MAX` when none.
-    hold_ms: AtomicI64,
-}
-
-impl Default for WorkerClock {
-    fn default() -> Self {
-        Self {
-            drift_ms: AtomicI64::new(0),
-            hold_ms: AtomicI64::new(i64::MAX),
-        }
-    }
-}
-
-impl WorkerClock {
-    pub fn now(&self) -> f64 {
-        let carried = wall_ms() + self.drift_ms.load(Ordering::Relaxed);
-        carried.min(self.hold_ms.load(Ordering::Relaxed)) as f64 / 1000.0
-    }
-
-    /// A batch with this minimum timestamp is in hand: the clock moves to it
-    /// and stays there until the returned guard is dropped.
-    fn hold_batch(&self, min_timestamp_ms: i64) -> ClockHold<'_> {
-        self.drift_ms
-            .store(min_timestamp_ms - wall_ms(), Ordering::Relaxed);
-        self.hold_ms.store(min_timestamp_ms, Ordering::Relaxed);
-        ClockHold(self)
-    }
-}
-
-/// Releases the clock when the batch in hand is done (or abandoned).
-struct ClockHold<'a>(&'a WorkerClock);
-
-impl Drop for ClockHold<'_> {
-    fn drop(&mut self) {
-        // Carry on from the batch's timestamp, not from the end of its handling.
-        let held = self.0.hold_ms.swap(i64::MAX, Ordering::Relaxed);
-        if held != i64::MAX {
-            self.0.drift_ms.store(held - wall_ms(), Ordering::Relaxed);
-        }
-    }
-}
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// State shared by the loops.
 struct Shared {
     config: Config,
@@ -125,7 +74,7 @@ struct Shared {
     health: Arc<Health>,
     store: Arc<Store>,
     sink: Arc<KafkaSink>,
-    clock: WorkerClock,
+    clock: LiveClock,
     /// Largest flush lag of the last cycle, milliseconds (soft backpressure).
     flush_lag_ms: AtomicU64,
 }
@@ -167,7 +116,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         health: health.clone(),
         store,
         sink,
-        clock: WorkerClock::default(),
+        clock: LiveClock::default(),
         flush_lag_ms: AtomicU64::new(0),
     });
 
@@ -356,6 +305,8 @@ async fn consume_loop(
     let max_span_bytes = usize::try_from(shared.config.buffer.max_span_bytes).unwrap_or(usize::MAX);
     let batch_max = shared.config.kafka.batch_max_spans;
     let batch_wait = Duration::from_millis(shared.config.kafka.batch_max_ms);
+    let bounds = window_bounds(&shared.config);
+    let mut window = Window::default();
     let mut carried: Vec<Consumed> = Vec::new();
     let mut paused_for: Option<&'static str> = None;
     let mut memory: Option<f64> = None;
@@ -367,6 +318,21 @@ async fn consume_loop(
         shared
             .health
             .set_assigned_partitions(consumer.assignment().partitions());
+
+        // A due window goes to Redis first (also while paused: it is bounded,
+        // and holding it would hold the clock).
+        if window.is_due(&bounds, Instant::now()) {
+            write_window(
+                &shared,
+                &consumer,
+                &ingestor,
+                &mut window,
+                &mut carried,
+                CommitMode::Async,
+            )
+            .await?;
+            continue;
+        }
 
         // Backpressure: pause, keep serving the group, resume when it clears.
         if memory_checked.elapsed() >= MEMORY_CHECK_EVERY {
@@ -399,21 +365,25 @@ async fn consume_loop(
         if paused_for.is_some() {
             // Newly assigned partitions start unpaused: pause them too.
             consumer.set_paused(true)?;
+            let wait = window
+                .due_in(&bounds, Instant::now())
+                .map_or(Duration::from_millis(200), |d| {
+                    d.min(Duration::from_millis(200))
+                });
             tokio::select! {
                 () = stop.cancelled() => break,
-                message = consumer.idle_poll(Duration::from_millis(200)) => carried.extend(message),
+                message = consumer.idle_poll(wait) => carried.extend(message),
             }
             continue;
         }
 
+        // Poll no longer than the window may wait, and no more than fits.
+        let wait = window
+            .due_in(&bounds, Instant::now())
+            .map_or(batch_wait, |d| d.min(batch_wait));
+        let room = window.room(&bounds).clamp(1, batch_max);
         let batch = match consumer
-            .next_batch(
-                std::mem::take(&mut carried),
-                batch_max,
-                batch_wait,
-                batch_wait,
-                &stop,
-            )
+            .next_batch(std::mem::take(&mut carried), room, wait, wait, &stop)
             .await
         {
             Ok(batch) => batch,
@@ -427,56 +397,66 @@ async fn consume_loop(
             }
         };
         shared.health.set_kafka_ok(true);
-        if batch.is_empty() {
-            continue;
-        }
-        // The batch in hand always reaches Redis, even during shutdown; then
-        // the commit is synchronous so it is on the broker before we leave.
-        let mode = if stop.is_cancelled() {
-            CommitMode::Sync
-        } else {
-            CommitMode::Async
-        };
-        process_batch(
+        stage_batch(&shared, &consumer, &mut window, batch, max_span_bytes).await?;
+    }
+    // Shutdown: the window in hand always reaches Redis; the commit is
+    // synchronous so it is on the broker before we leave.
+    if !window.is_empty() {
+        write_window(
             &shared,
             &consumer,
             &ingestor,
-            &batch,
-            max_span_bytes,
+            &mut window,
             &mut carried,
-            mode,
+            CommitMode::Sync,
         )
         .await?;
     }
     Ok(())
 }
 
-/// Decode → dead-letter → ingest → commit for one batch. Redis failures are
-/// retried with backoff (consumption paused meanwhile, nothing committed)
-/// until they clear; only then are the offsets committed.
-async fn process_batch(
+/// The coalescing window bounds of the configuration (docs/design.md §5).
+pub fn window_bounds(config: &Config) -> WindowBounds {
+    WindowBounds {
+        max_spans: config.worker.window_max_spans,
+        max_bytes: config.worker.window_max_bytes,
+        max_age: Duration::from_millis(config.worker.window_max_ms),
+    }
+}
+
+/// Decode → dead-letter → stage one polled batch. Messages of a partition no
+/// longer held (revoked during the poll) are left for its new owner.
+async fn stage_batch(
     shared: &Shared,
     consumer: &InputConsumer,
-    ingestor: &Ingestor,
-    batch: &[Consumed],
+    window: &mut Window,
+    batch: Vec<Consumed>,
     max_span_bytes: usize,
-    carried: &mut Vec<Consumed>,
-    mode: CommitMode,
 ) -> Result<(), WorkerError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
     shared
         .metrics
         .messages_consumed_total
         .inc_by(batch.len() as u64);
-    let min_ts = batch
-        .iter()
-        .filter_map(|m| m.timestamp_ms)
-        .min()
-        .unwrap_or_else(wall_ms);
-    let _hold = shared.clock.hold_batch(min_ts);
+    let assignment = consumer.assignment();
+    let mut marks: BTreeMap<i32, (i64, u64)> = BTreeMap::new();
     let mut spans = Vec::with_capacity(batch.len());
     let mut invalid: Vec<(&Consumed, InvalidSpan)> = Vec::new();
-    for message in batch {
-        match decode_span(&message.payload, max_span_bytes) {
+    let mut oldest = i64::MAX;
+    let mut staged = 0;
+    for message in &batch {
+        let Some(epoch) = assignment.epoch(message.partition) else {
+            continue;
+        };
+        let mark = marks
+            .entry(message.partition)
+            .or_insert((message.offset + 1, epoch));
+        mark.0 = mark.0.max(message.offset + 1);
+        oldest = oldest.min(message.timestamp_ms.unwrap_or_else(wall_ms));
+        staged += 1;
+        match decode_span_bytes(message.payload.clone(), max_span_bytes) {
             Ok(span) => spans.push(ShardedSpan {
                 shard: u32::try_from(message.partition).unwrap_or(0),
                 span,
@@ -484,6 +464,11 @@ async fn process_batch(
             Err(err) => invalid.push((message, err)),
         }
     }
+    if staged == 0 {
+        return Ok(());
+    }
+    // The clock holds at the oldest staged span until the window is in Redis.
+    shared.clock.hold(oldest);
     shared
         .metrics
         .record_invalid(invalid.iter().map(|(_, e)| e.reason));
@@ -493,18 +478,61 @@ async fn process_batch(
     if let Some(dlq) = &shared.config.kafka.dlq_topic {
         forward_invalid(shared, dlq, &invalid).await?;
     }
+    window.stage(
+        spans,
+        staged,
+        oldest,
+        marks
+            .into_iter()
+            .map(|(p, (next_offset, epoch))| (p, PartitionMark { next_offset, epoch })),
+    );
+    Ok(())
+}
 
-    let now = min_ts as f64 / 1000.0;
+/// Writes the window to Redis, then commits its offsets. Staged spans of a
+/// partition revoked since are dropped uncommitted. Redis failures are
+/// retried with backoff (consumption paused meanwhile, nothing committed)
+/// until they clear; only then are the offsets committed.
+async fn write_window(
+    shared: &Shared,
+    consumer: &InputConsumer,
+    ingestor: &Ingestor,
+    window: &mut Window,
+    carried: &mut Vec<Consumed>,
+    mode: CommitMode,
+) -> Result<(), WorkerError> {
+    let assignment = consumer.assignment();
+    let released = window.drop_revoked(|p| assignment.epoch(p));
+    if released > 0 {
+        tracing::info!(
+            spans = released,
+            "staged spans of revoked partitions left to their new owner"
+        );
+        shared
+            .metrics
+            .window_spans_released_total
+            .inc_by(released as u64);
+    }
+    if window.is_empty() {
+        window.clear();
+        shared.clock.release();
+        return Ok(());
+    }
+    let now = window.oldest_ms().unwrap_or_else(wall_ms) as f64 / 1000.0;
+    shared
+        .metrics
+        .window_spans
+        .observe(window.span_count() as f64);
 
     let mut backoff = BACKOFF_START;
     let mut paused = false;
     loop {
-        match ingestor.ingest(&spans, now).await {
+        match ingestor.ingest(window.spans(), now).await {
             Ok(_) => break,
             Err(err) if err.is_transient() => {
                 shared.health.set_redis_ok(false);
                 if !paused {
-                    tracing::warn!(error = %err, "redis unavailable; pausing consumption and retrying the batch");
+                    tracing::warn!(error = %err, "redis unavailable; pausing consumption and retrying the window");
                     shared
                         .metrics
                         .backpressure_pauses_total
@@ -516,7 +544,7 @@ async fn process_batch(
                 }
                 // Keep serving the group while waiting. A message that still
                 // arrives (a partition assigned meanwhile) goes to the next
-                // batch: dropping it would let a later commit skip it.
+                // window: dropping it would let a later commit skip it.
                 carried.extend(consumer.idle_poll(backoff).await);
                 consumer.set_paused(true)?;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -530,7 +558,11 @@ async fn process_batch(
         set_backpressure(shared, "redis_down", false);
         consumer.set_paused(false)?;
     }
-    match consumer.commit(batch, mode) {
+    let offsets = window
+        .partitions()
+        .iter()
+        .map(|(&p, mark)| (p, mark.next_offset, mark.epoch));
+    match consumer.commit(offsets, mode) {
         Ok(_) => shared
             .metrics
             .offset_commits_total
@@ -547,6 +579,8 @@ async fn process_batch(
             tracing::warn!(error = %err, "committing offsets failed");
         }
     }
+    window.clear();
+    shared.clock.release();
     Ok(())
 }
 
@@ -665,28 +699,4 @@ async fn flush_loop(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_clock_stays_at_the_batch_in_hand_then_carries_on() {
-        let clock = WorkerClock::default();
-        let batch_ms = wall_ms() - 60_000;
-        {
-            let _hold = clock.hold_batch(batch_ms);
-            assert_eq!(clock.now(), batch_ms as f64 / 1000.0);
-            std::thread::sleep(Duration::from_millis(30));
-            // A slow batch does not move the clock past its own timestamp.
-            assert_eq!(clock.now(), batch_ms as f64 / 1000.0);
-        }
-        // Released: carried forward in wall time from the batch's timestamp.
-        let now = clock.now();
-        assert!(now >= batch_ms as f64 / 1000.0, "{now}");
-        assert!(now < batch_ms as f64 / 1000.0 + 0.025, "{now}");
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(clock.now() >= now + 0.025);
-    }
 }

@@ -7,9 +7,11 @@
 //! runs every point of the `--sweep` grid as a child process, and writes the
 //! table, CSV, JSON and plot ([`plot`]).
 //!
-//! A point works like the worker: an ingest loop writes batches of
-//! `SPANBUF_BATCH_MAX_SPANS` lines at the wall clock while a flush loop runs
-//! cycles every `SPANBUF_FLUSH_INTERVAL_MS`; after the input ends the flush
+//! A point works like the worker: an ingest loop stages batches of
+//! `SPANBUF_BATCH_MAX_SPANS` lines in coalescing windows (`SPANBUF_WINDOW_*`)
+//! and writes each due window, while a flush loop runs cycles every
+//! `SPANBUF_FLUSH_INTERVAL_MS` at the same live clock (wall time, held at the
+//! oldest staged batch as the worker holds it); after the input ends the flush
 //! loop keeps going until every queue is empty (so a point lasts at least
 //! `SPANBUF_ROOT_TIMEOUT_SECS`). Redis figures come from `INFO cpu` and `INFO
 //! commandstats` deltas, so the Redis must serve nothing else while a point
@@ -27,15 +29,19 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use bytes::Bytes;
+
+use crate::clock::{wall_ms, LiveClock};
 use crate::config::{Config, OutputCodec};
 use crate::flush::{FlushError, FlushSettings, Flusher};
+use crate::ingest::window::Window;
 use crate::ingest::{IngestError, IngestSettings, Ingestor, ShardedSpan};
 use crate::kafka::producer::KafkaSink;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
 use crate::replay::shard_of;
 use crate::sink::{Sink, SinkError};
-use crate::span::decode_span;
+use crate::span::decode_span_bytes;
 use crate::span::record::FlushedSegment;
 use crate::store::{Store, StoreError};
 
@@ -156,6 +162,7 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
     let started = Instant::now();
 
     let input_done = Arc::new(AtomicBool::new(false));
+    let clock = Arc::new(LiveClock::default());
     let flush_task = tokio::spawn(flush_loop(
         Flusher::new(
             store.clone(),
@@ -165,17 +172,26 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
         store.clone(),
         shards.clone(),
         sink.clone(),
+        clock.clone(),
         Duration::from_millis(config.worker.flush_interval_ms),
         input_done.clone(),
         options.max_wait,
     ));
-    let ingest = ingest_all(config, options, store.clone(), metrics.clone(), file).await;
+    let ingest = ingest_all(
+        config,
+        options,
+        store.clone(),
+        metrics.clone(),
+        &clock,
+        file,
+    )
+    .await;
     input_done.store(true, Ordering::Release);
     let ingest_secs = started.elapsed().as_secs_f64();
     let flushed = flush_task
         .await
         .map_err(|e| BenchError::Other(format!("flush task: {e}")))?;
-    let (spans_in, spans_invalid) = ingest?;
+    let ingested = ingest?;
     let flushed = flushed?;
     let total_secs = started.elapsed().as_secs_f64();
     if let BenchSink::Kafka(kafka) = sink.as_ref() {
@@ -184,6 +200,7 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
 
     let cpu_secs = process_cpu_secs() - cpu_before;
     let redis_after = RedisCounters::read(&store).await?;
+    let spans_in = ingested.lines;
     let per_1k = |x: f64| {
         if spans_in == 0 {
             0.0
@@ -195,9 +212,9 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
     lateness.sort_by(f64::total_cmp);
     Ok(PointResult {
         spans_in,
-        spans_invalid,
+        spans_invalid: ingested.invalid,
         spans_flushed: flushed.spans,
-        spans_duplicate: flushed.duplicates,
+        spans_duplicate: flushed.duplicates + ingested.duplicates,
         spans_dropped: flushed.dropped,
         segments_flushed: flushed.segments,
         records: flushed.records,
@@ -237,15 +254,28 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Reads the workload on a blocking thread and ingests it batch by batch at
-/// the wall clock. Returns `(lines, invalid lines)`.
+/// What the ingest side of a point read and wrote.
+#[derive(Debug, Default)]
+struct Ingested {
+    lines: u64,
+    invalid: u64,
+    /// Spans already buffered (in-window copies, re-ingested subsegments).
+    duplicates: u64,
+}
+
+/// Reads the workload on a blocking thread in batches of
+/// `SPANBUF_BATCH_MAX_SPANS` lines and stages them in coalescing windows, as
+/// the worker does with its poll batches: each batch is stamped with the wall
+/// clock when it arrives (its "Kafka timestamp"), the clock holds at the
+/// window's oldest stamp until the window is in Redis.
 async fn ingest_all(
     config: &Config,
     options: &PointOptions,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    clock: &LiveClock,
     file: std::fs::File,
-) -> Result<(u64, u64), BenchError> {
+) -> Result<Ingested, BenchError> {
     let batch_size = config.kafka.batch_max_spans.max(1);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<String>>>(4);
     let reader = std::thread::spawn(move || {
@@ -281,19 +311,34 @@ async fn ingest_all(
         IngestSettings::from_config(&config.redis, &config.buffer),
         metrics.clone(),
     );
+    let bounds = crate::worker::window_bounds(config);
     let max_span_bytes = usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX);
-    let (mut lines, mut invalid) = (0u64, 0u64);
+    let mut out = Ingested::default();
+    let mut window = Window::default();
     let result = async {
-        while let Some(batch) = rx.recv().await {
+        loop {
+            // Wait for the next batch no longer than the staged window may.
+            let next = match window.due_in(&bounds, Instant::now()) {
+                None => rx.recv().await,
+                Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        write(&ingestor, &mut window, clock, &mut out).await?;
+                        continue;
+                    }
+                },
+            };
+            let Some(batch) = next else { break };
             let batch = batch.map_err(|source| BenchError::Input {
                 path: options.input.display().to_string(),
                 source,
             })?;
-            lines += batch.len() as u64;
+            let messages = batch.len();
+            out.lines += messages as u64;
             let mut spans = Vec::with_capacity(batch.len());
             let mut reasons = Vec::new();
-            for line in &batch {
-                match decode_span(line.as_bytes(), max_span_bytes) {
+            for line in batch {
+                match decode_span_bytes(Bytes::from(line), max_span_bytes) {
                     Ok(span) => spans.push(ShardedSpan {
                         shard: shard_of(&span.trace_id, options.shards),
                         span,
@@ -301,11 +346,16 @@ async fn ingest_all(
                     Err(err) => reasons.push(err.reason),
                 }
             }
-            invalid += reasons.len() as u64;
+            out.invalid += reasons.len() as u64;
             metrics.record_invalid(reasons);
-            ingestor.ingest(&spans, wall_secs()).await?;
+            let stamp = wall_ms();
+            clock.hold(stamp);
+            window.stage(spans, messages, stamp, []);
+            if window.is_due(&bounds, Instant::now()) {
+                write(&ingestor, &mut window, clock, &mut out).await?;
+            }
         }
-        Ok::<_, BenchError>(())
+        write(&ingestor, &mut window, clock, &mut out).await
     }
     .await;
     drop(rx);
@@ -314,7 +364,25 @@ async fn ingest_all(
             "the workload reader thread panicked".into(),
         ));
     }
-    result.map(|()| (lines, invalid))
+    result.map(|()| out)
+}
+
+/// Writes a staged window at its oldest stamp and releases the clock.
+async fn write(
+    ingestor: &Ingestor,
+    window: &mut Window,
+    clock: &LiveClock,
+    out: &mut Ingested,
+) -> Result<(), BenchError> {
+    if let Some(oldest) = window.oldest_ms() {
+        let outcome = ingestor
+            .ingest(window.spans(), oldest as f64 / 1000.0)
+            .await?;
+        out.duplicates += outcome.spans_redelivered as u64;
+    }
+    window.clear();
+    clock.release();
+    Ok(())
 }
 
 /// What the flush loop delivered.
@@ -336,6 +404,7 @@ async fn flush_loop(
     store: Arc<Store>,
     shards: Vec<u32>,
     sink: Arc<BenchSink>,
+    clock: Arc<LiveClock>,
     interval: Duration,
     input_done: Arc<AtomicBool>,
     max_wait: Duration,
@@ -346,7 +415,7 @@ async fn flush_loop(
         let done = input_done.load(Ordering::Acquire);
         let cycle_start = Instant::now();
         let cycle = flusher
-            .flush_cycle(&shards, wall_secs(), sink.as_ref())
+            .flush_cycle(&shards, clock.now(), sink.as_ref())
             .await?;
         if cycle.segments_flushed > 0 {
             out.busy_secs += cycle_start.elapsed().as_secs_f64();
@@ -496,12 +565,6 @@ fn peak_rss_bytes() -> u64 {
             })
         })
         .map_or(0, |kib| kib * 1024)
-}
-
-fn wall_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! after [`Ingestor::ingest`] returned `Ok`.
 
 pub mod group;
+pub mod window;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};

@@ -7,7 +7,7 @@
 //! Offsets are stored and committed manually, never automatically. Must not
 //! touch Redis.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,11 +20,12 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::{client_config, KafkaError};
 use crate::config::Config;
 
-/// The partitions this process holds, with a generation that changes on every
-/// rebalance.
+/// The partitions this process holds, each with the epoch it was assigned
+/// in (a counter that grows with every rebalance), so a partition revoked and
+/// assigned again is told apart from one held all along.
 #[derive(Debug, Default)]
 pub struct Assignment {
-    inner: Mutex<(BTreeSet<i32>, u64)>,
+    inner: Mutex<(BTreeMap<i32, u64>, u64)>,
 }
 
 impl Assignment {
@@ -32,31 +33,47 @@ impl Assignment {
     pub fn shards(&self) -> Vec<u32> {
         self.lock()
             .0
-            .iter()
+            .keys()
             .filter_map(|&p| u32::try_from(p).ok())
             .collect()
     }
 
     pub fn partitions(&self) -> Vec<i32> {
-        self.lock().0.iter().copied().collect()
+        self.lock().0.keys().copied().collect()
     }
 
     pub fn holds(&self, partition: i32) -> bool {
-        self.lock().0.contains(&partition)
+        self.lock().0.contains_key(&partition)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeSet<i32>, u64)> {
-        // A poisoned lock only means a callback panicked mid-update; the set
+    /// The epoch `partition` was assigned in, `None` when it is not held.
+    pub fn epoch(&self, partition: i32) -> Option<u64> {
+        self.lock().0.get(&partition).copied()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<i32, u64>, u64)> {
+        // A poisoned lock only means a callback panicked mid-update; the map
         // itself is still a valid set of partitions.
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn update(&self, change: impl FnOnce(&mut BTreeSet<i32>)) {
+    fn assign(&self, partitions: &[i32]) {
         let mut guard = self.lock();
-        change(&mut guard.0);
         guard.1 += 1;
+        let epoch = guard.1;
+        for &p in partitions {
+            guard.0.entry(p).or_insert(epoch);
+        }
+    }
+
+    fn revoke(&self, partitions: &[i32]) {
+        let mut guard = self.lock();
+        guard.1 += 1;
+        for p in partitions {
+            guard.0.remove(p);
+        }
     }
 }
 
@@ -75,11 +92,7 @@ impl ConsumerContext for SpanbufContext {
             // committed or flushed by this process.
             let gone: Vec<i32> = partitions_of(list, &self.topic);
             tracing::info!(partitions = ?gone, "partitions revoked");
-            self.assignment.update(|held| {
-                gone.iter().for_each(|p| {
-                    held.remove(p);
-                })
-            });
+            self.assignment.revoke(&gone);
         }
     }
 
@@ -88,8 +101,7 @@ impl ConsumerContext for SpanbufContext {
             Rebalance::Assign(list) => {
                 let new: Vec<i32> = partitions_of(list, &self.topic);
                 tracing::info!(partitions = ?new, "partitions assigned");
-                self.assignment
-                    .update(|held| held.extend(new.iter().copied()));
+                self.assignment.assign(&new);
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
@@ -112,7 +124,8 @@ pub struct Consumed {
     pub offset: i64,
     /// Broker or producer timestamp, epoch milliseconds, if any.
     pub timestamp_ms: Option<i64>,
-    pub payload: Vec<u8>,
+    /// The message's bytes, handed to the decoder without another copy.
+    pub payload: bytes::Bytes,
 }
 
 impl Consumed {
@@ -121,7 +134,10 @@ impl Consumed {
             partition: message.partition(),
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
-            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: message
+                .payload()
+                .map(bytes::Bytes::copy_from_slice)
+                .unwrap_or_default(),
         }
     }
 }
@@ -220,18 +236,18 @@ impl InputConsumer {
         Ok(batch)
     }
 
-    /// Commits, for every partition of `batch` still held, the offset after
-    /// its last message. Partitions revoked meanwhile are left alone: their new
-    /// owner consumes them again (ingest is idempotent).
-    pub fn commit(&self, batch: &[Consumed], mode: CommitMode) -> Result<usize, KafkaError> {
-        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-        for message in batch {
-            let entry = next.entry(message.partition).or_insert(message.offset + 1);
-            *entry = (*entry).max(message.offset + 1);
-        }
+    /// Commits `(partition, next offset, epoch)` for every partition still
+    /// held in the same epoch it was consumed in. Partitions revoked meanwhile
+    /// are left alone: their new owner consumes them again from the last
+    /// commit. Returns how many partitions were committed.
+    pub fn commit(
+        &self,
+        offsets: impl IntoIterator<Item = (i32, i64, u64)>,
+        mode: CommitMode,
+    ) -> Result<usize, KafkaError> {
         let mut list = TopicPartitionList::new();
-        for (partition, offset) in next {
-            if self.assignment.holds(partition) {
+        for (partition, offset, epoch) in offsets {
+            if self.assignment.epoch(partition) == Some(epoch) {
                 list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))
                     .map_err(|source| KafkaError::Client {
                         operation: "build the commit list",

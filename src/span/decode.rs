@@ -97,8 +97,23 @@ impl InvalidSpan {
 }
 
 /// Decodes one span. `max_span_bytes` bounds the encoded size and is checked
-/// before anything is parsed.
+/// before anything is parsed. The payload is a copy of `bytes`; a caller that
+/// owns them already uses [`decode_span_bytes`].
 pub fn decode_span(bytes: &[u8], max_span_bytes: usize) -> Result<Span, InvalidSpan> {
+    decode(bytes, max_span_bytes, || Bytes::copy_from_slice(bytes))
+}
+
+/// [`decode_span`] of bytes the caller hands over: a JSON span keeps them as
+/// its payload, without a copy (the consumer's buffer becomes the payload).
+pub fn decode_span_bytes(bytes: Bytes, max_span_bytes: usize) -> Result<Span, InvalidSpan> {
+    decode(&bytes, max_span_bytes, || bytes.clone())
+}
+
+fn decode(
+    bytes: &[u8],
+    max_span_bytes: usize,
+    payload: impl FnOnce() -> Bytes,
+) -> Result<Span, InvalidSpan> {
     if bytes.len() > max_span_bytes {
         return Err(InvalidSpan::new(
             InvalidReason::TooLarge,
@@ -111,7 +126,7 @@ pub fn decode_span(bytes: &[u8], max_span_bytes: usize) -> Result<Span, InvalidS
     match bytes.iter().copied().find(|b| !is_json_whitespace(*b)) {
         None if bytes.is_empty() => Err(InvalidSpan::malformed("empty input")),
         None => Err(InvalidSpan::malformed("input is only whitespace")),
-        Some(b'{') => decode_json(bytes),
+        Some(b'{') => decode_json(bytes, payload),
         Some(0x80..=0x8f | 0xde | 0xdf) => decode_msgpack(bytes),
         Some(other) => Err(InvalidSpan::malformed(format!(
             "expected a JSON object or a MessagePack map, input starts with byte 0x{other:02x}"
@@ -123,7 +138,7 @@ fn is_json_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-fn decode_json(bytes: &[u8]) -> Result<Span, InvalidSpan> {
+fn decode_json(bytes: &[u8], payload: impl FnOnce() -> Bytes) -> Result<Span, InvalidSpan> {
     // Validating the whole input up front is what makes the untouched bytes a
     // safe payload: serde_json checks UTF-8 only in strings it decodes. It also
     // lets `from_str` skip its own per-string check.
@@ -131,7 +146,7 @@ fn decode_json(bytes: &[u8]) -> Result<Span, InvalidSpan> {
         .map_err(|e| InvalidSpan::malformed(format!("invalid UTF-8: {e}")))?;
     let fields: SpanFields<'_> = serde_json::from_str(text)
         .map_err(|e| InvalidSpan::malformed(format!("invalid JSON: {e}")))?;
-    fields.into_span(Bytes::copy_from_slice(bytes))
+    fields.into_span(payload())
 }
 
 fn decode_msgpack(bytes: &[u8]) -> Result<Span, InvalidSpan> {

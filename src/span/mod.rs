@@ -18,7 +18,7 @@ pub mod compress;
 pub mod decode;
 pub mod record;
 
-pub use decode::{decode_span, InvalidReason, InvalidSpan};
+pub use decode::{decode_span, decode_span_bytes, InvalidReason, InvalidSpan};
 pub use record::{build_records, BuiltSegment, FlushedSegment, RecordError, SegmentPayloads};
 
 /// One valid input span: the fields spanbuf reads, plus the payload it stores.
