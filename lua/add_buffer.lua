@@ -13,9 +13,22 @@ Purpose
   The queue update happens outside (the queue lives in another slot); this
   script returns the deadline for it.
 
+Cost (it runs for every subsegment, so Redis CPU is mostly this script)
+  Everything the call needs about the target segment is read in one MGET and
+  every counter is written with one SET ... EX (the script is atomic, so
+  read-modify-write is safe). A new segment costs about 11 commands, adding to
+  an existing one about 8: HGET (root), MGET (target), SADD (index; its reply
+  is the redelivery check), HSET + EXPIRE (redirects), MGET (earlier segments
+  rooted at these spans), SET ic, SET ibc, and for a new segment EXPIRE of the
+  index and SET of hrs/fs. Keys whose life is bounded by the segment's (the
+  index, hrs, fs) get their TTL once, when created: the segment is flushed
+  within SPANBUF_MAX_SEGMENT_LIFETIME_SECS of its first span, which the
+  configuration keeps below the TTL. The redirect map is shared by the
+  trace's segments and is refreshed on every call.
+
 KEYS
-  KEYS[1]  "<project_id>:<trace_id>" (pt). Every key touched is in the {pt}
-           slot, which is the slot of this bare key.
+  KEYS[1]  the trace's redirect map "P:ssr:{pt}"; every key touched is in its
+           {pt} slot (the others depend on the root it resolves to).
 
 ARGV
   1  key prefix (P)
@@ -46,7 +59,7 @@ Extra keys of spanbuf's own (same slot, ignored by readers of Sentry's layout)
   P:cut:<segment key>  on a detached segment: the root id it was cut from
 ]]
 
-local pt = KEYS[1]
+local ssr_key = KEYS[1]
 local prefix = ARGV[1]
 local parent = ARGV[2]
 local has_segment_span = ARGV[3] == "1"
@@ -66,8 +79,8 @@ local num_spans = #ARGV - FIRST_ID + 1
 -- variadic call below goes in pages of this many values.
 local PAGE = 1000
 
-local tag = "{" .. pt .. "}"
-local ssr_key = prefix .. ":ssr:" .. tag
+-- "P:ssr:{pt}" -> "{pt}"
+local tag = string.sub(ssr_key, #prefix + 6)
 local function segment_key(id) return prefix .. ":s:" .. tag .. ":" .. id end
 local function mk_key(id) return prefix .. ":mk:" .. tag .. ":" .. id end
 local function meta_key(kind, seg) return prefix .. ":" .. kind .. ":" .. seg end
@@ -78,10 +91,9 @@ local function sadd_paged(key, members)
     end
 end
 
-local function deadline_of(seg, has_root)
+local function deadline_of(first_seen, has_root)
     local deadline = now + (has_root and root_timeout or timeout)
     if max_lifetime > 0 then
-        local first_seen = tonumber(redis.call("GET", meta_key("fs", seg)) or now)
         deadline = math.min(deadline, first_seen + max_lifetime)
     end
     return string.format("%.3f", deadline)
@@ -94,25 +106,33 @@ for _ = 0, 100 do
     if not next_root or next_root == root then break end
     root = next_root
 end
-
--- 2. Redelivery: the salt is already indexed under the root or as a detached
---    segment of its own. Counters stay as they are.
-for _, candidate in ipairs({ root, salt }) do
-    if redis.call("SISMEMBER", mk_key(candidate), salt) == 1 then
-        local seg = segment_key(candidate)
-        local has_root = redis.call("GET", meta_key("hrs", seg)) == "1"
-        return { seg, has_root and 1 or 0, deadline_of(seg, has_root), 0, 1 }
-    end
-end
-
 local set_key = segment_key(root)
+local salt_key = segment_key(salt)
 
--- 3. Root flag and redirects, before the detach decision: later descendants
---    must resolve to the real root, not to a detached salt.
-local has_root = has_segment_span or redis.call("GET", meta_key("hrs", set_key)) == "1"
-if has_root then
-    redis.call("SETEX", meta_key("hrs", set_key), ttl, "1")
+-- 2. What the call needs of the target, and of a detached segment of this
+--    very salt (a redelivery of a subsegment that was cut off earlier).
+local meta = redis.call("MGET",
+    meta_key("hrs", set_key), meta_key("ic", set_key), meta_key("ibc", set_key),
+    meta_key("fs", set_key), meta_key("fl", set_key),
+    meta_key("cut", salt_key), meta_key("hrs", salt_key), meta_key("fs", salt_key))
+local target_has_root = meta[1] == "1"
+local target_ic = tonumber(meta[2] or "0")
+local target_ibc = tonumber(meta[3] or "0")
+local target_fs = tonumber(meta[4] or now)
+local target_locked = meta[5] ~= false
+
+if meta[6] then
+    local has_root = meta[7] == "1"
+    return { salt_key, has_root and 1 or 0, deadline_of(tonumber(meta[8] or now), has_root), 0, 1 }
 end
+
+-- 3. Index the salt under the root; an unchanged index is a redelivery.
+if redis.call("SADD", mk_key(root), salt) == 0 then
+    return { set_key, target_has_root and 1 or 0, deadline_of(target_fs, target_has_root), 0, 1 }
+end
+
+-- 4. Redirects, before the detach decision: later descendants must resolve
+--    to the real root, not to a detached salt.
 for i = FIRST_ID, #ARGV, PAGE do
     local pairs_ = {}
     for j = i, math.min(i + PAGE - 1, #ARGV) do
@@ -123,8 +143,10 @@ for i = FIRST_ID, #ARGV, PAGE do
 end
 redis.call("EXPIRE", ssr_key, ttl)
 
--- 4. Children that were roots of earlier segments, and their bytes.
-local target_ibc = tonumber(redis.call("GET", meta_key("ibc", set_key)) or "0")
+-- 5. Children that were roots of earlier segments: their counters, lock and
+--    first-seen time, in one MGET per page. A child segment that a flusher
+--    has locked is left alone: its data is being delivered under its own id,
+--    and merging it now would move salts the flusher is about to clean up.
 local children = {}
 for i = FIRST_ID, #ARGV do
     local id = ARGV[i]
@@ -132,11 +154,7 @@ for i = FIRST_ID, #ARGV do
         children[#children + 1] = id
     end
 end
--- A child segment that a flusher has locked is left alone: its data is being
--- delivered under its own id, and merging it now would move salts the
--- flusher is about to clean up.
-local child_ic = {}
-local child_ibc = {}
+local child = {}
 for i = 1, #children, PAGE do
     local keys = {}
     local last = math.min(i + PAGE - 1, #children)
@@ -145,80 +163,89 @@ for i = 1, #children, PAGE do
         keys[#keys + 1] = meta_key("ic", seg)
         keys[#keys + 1] = meta_key("ibc", seg)
         keys[#keys + 1] = meta_key("fl", seg)
+        keys[#keys + 1] = meta_key("fs", seg)
     end
     local values = redis.call("MGET", unpack(keys))
     for j = i, last do
-        local k = (j - i) * 3
-        if not (check_lock and values[k + 3]) then
-            child_ic[j] = values[k + 1]
-            child_ibc[j] = values[k + 2]
-            if child_ibc[j] then
-                byte_count = byte_count + tonumber(child_ibc[j])
-            end
+        local k = (j - i) * 4
+        if not (check_lock and values[k + 3]) and (values[k + 1] or values[k + 2]) then
+            child[#child + 1] = {
+                id = children[j],
+                ic = values[k + 1] and tonumber(values[k + 1]),
+                ibc = values[k + 2] and tonumber(values[k + 2]),
+                fs = values[k + 4] and tonumber(values[k + 4]),
+            }
+            byte_count = byte_count + tonumber(values[k + 2] or "0")
         end
     end
 end
 
--- 5. Detach decision. A new, empty target has nothing to be cut from, so size
+-- 6. Detach decision. A new, empty target has nothing to be cut from, so size
 --    alone never detaches it.
 local detach = 0
 if max_bytes > 0 and target_ibc > 0 and target_ibc + byte_count > max_bytes then
     detach = 1
-elseif check_lock and redis.call("EXISTS", meta_key("fl", set_key)) == 1 then
+elseif check_lock and target_locked then
     detach = 2
 end
 local target = root
+local ic, ibc, first_seen = target_ic, target_ibc, target_fs
+local new_segment = target_ic == 0 and target_ibc == 0
 if detach > 0 then
+    redis.call("SREM", mk_key(root), salt)
     target = salt
-    set_key = segment_key(salt)
-    redis.call("SETEX", meta_key("cut", set_key), ttl, root)
+    set_key = salt_key
+    ic, ibc, first_seen, new_segment = 0, 0, now, true
+    redis.call("SET", meta_key("cut", set_key), root, "EX", ttl)
+    redis.call("SADD", mk_key(salt), salt)
 end
-local ic_key = meta_key("ic", set_key)
-local ibc_key = meta_key("ibc", set_key)
-local fs_key = meta_key("fs", set_key)
 local target_mk = mk_key(target)
 
--- First-seen time: the earliest of the target's and every merged child's.
-local first_seen = tonumber(redis.call("GET", fs_key) or now)
-
--- 6. Merge children that were segment roots: index, counters, first-seen.
+-- 7. Merge children that were segment roots: index, counters, first-seen.
 local merged = {}
-local merged_ic = 0
-for j, id in ipairs(children) do
-    local seg = segment_key(id)
-    if child_ic[j] then
-        merged_ic = merged_ic + tonumber(child_ic[j])
-        local child_mk = mk_key(id)
+local fs_changed = new_segment
+for _, c in ipairs(child) do
+    local seg = segment_key(c.id)
+    if c.ic then
+        local child_mk = mk_key(c.id)
         local cursor = "0"
         repeat
             local page = redis.call("SSCAN", child_mk, cursor, "COUNT", PAGE)
             cursor = page[1]
             sadd_paged(target_mk, page[2])
         until cursor == "0"
-        local child_fs = redis.call("GET", meta_key("fs", seg))
-        if child_fs then
-            first_seen = math.min(first_seen, tonumber(child_fs))
+        if c.fs and c.fs < first_seen then
+            first_seen = c.fs
+            fs_changed = true
         end
         redis.call("DEL", meta_key("ic", seg), child_mk, meta_key("fs", seg), meta_key("hrs", seg))
-        merged[#merged + 1] = id
+        ic = ic + c.ic
+        merged[#merged + 1] = c.id
     end
-    if child_ibc[j] then
+    if c.ibc then
         redis.call("DEL", meta_key("ibc", seg))
     end
 end
 
--- 7. Index the salt, count, stamp first-seen, refresh TTLs.
-redis.call("SADD", target_mk, salt)
-redis.call("EXPIRE", target_mk, ttl)
-redis.call("INCRBY", ic_key, num_spans + merged_ic)
-redis.call("EXPIRE", ic_key, ttl)
-redis.call("INCRBY", ibc_key, byte_count)
-redis.call("EXPIRE", ibc_key, ttl)
-redis.call("SET", fs_key, string.format("%.3f", first_seen), "EX", ttl)
+-- 8. Counters (one SET each, TTL included), and what a new segment needs once.
+ic = ic + num_spans
+ibc = ibc + byte_count
+redis.call("SET", meta_key("ic", set_key), ic, "EX", ttl)
+redis.call("SET", meta_key("ibc", set_key), ibc, "EX", ttl)
+if new_segment then
+    redis.call("EXPIRE", target_mk, ttl)
+end
+if fs_changed then
+    redis.call("SET", meta_key("fs", set_key), string.format("%.3f", first_seen), "EX", ttl)
+end
+-- The root flag belongs to the real root's segment; a detached part inherits
+-- it for its deadline only.
+local has_root = has_segment_span or target_has_root
+if has_segment_span and not target_has_root then
+    redis.call("SET", meta_key("hrs", segment_key(root)), "1", "EX", ttl)
+end
 
--- A detached part inherits the root flag for its deadline only; hrs of the
--- original target was set above.
-local result = { set_key, has_root and 1 or 0, deadline_of(set_key, has_root), detach, 0 }
+local result = { set_key, has_root and 1 or 0, deadline_of(first_seen, has_root), detach, 0 }
 for _, id in ipairs(merged) do
     result[#result + 1] = id
 end

@@ -28,7 +28,8 @@ impl LuaScript {
     }
 
     /// `EVALSHA sha 1 <key>`; the caller appends the ARGV. One key only: it
-    /// names the slot, the script derives the rest (see each script's header).
+    /// names the slot, the script derives the rest (see each script's header
+    /// for what its KEYS[1] is).
     pub fn call(&self, slot_key: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(&self.sha).arg(1).arg(slot_key);
