@@ -18,9 +18,11 @@ Cost (it runs for every subsegment, so Redis CPU is mostly this script)
   every counter is written with one SET ... EX (the script is atomic, so
   read-modify-write is safe). A new segment costs about 11 commands, adding to
   an existing one about 8: HGET (root), MGET (target), SADD (index; its reply
-  is the redelivery check), HSET + EXPIRE (redirects), MGET (earlier segments
-  rooted at these spans), SET ic, SET ibc, and for a new segment EXPIRE of the
-  index and SET of hrs/fs. Keys whose life is bounded by the segment's (the
+  is the redelivery check), HSET + EXPIRE (redirects), MGET of the spans' ic
+  keys (earlier segments rooted at these spans; one key per span, since every
+  key read is a keyspace lookup), SET ic, SET ibc, and for a new segment
+  EXPIRE of the index and SET of hrs/fs. Merging an earlier segment adds an
+  MGET, an SSCAN and a DEL. Keys whose life is bounded by the segment's (the
   index, hrs, fs) get their TTL once, when created: the segment is flushed
   within SPANBUF_MAX_SEGMENT_LIFETIME_SECS of its first span, which the
   configuration keeps below the TTL. The redirect map is shared by the
@@ -143,39 +145,52 @@ for i = FIRST_ID, #ARGV, PAGE do
 end
 redis.call("EXPIRE", ssr_key, ttl)
 
--- 5. Children that were roots of earlier segments: their counters, lock and
---    first-seen time, in one MGET per page. A child segment that a flusher
+-- 5. Children that were roots of earlier segments. Most span ids are not:
+--    one MGET of their ic keys finds those that are (each key read costs a
+--    keyspace lookup, so this stays one key per span), a second reads the
+--    rest of what merging needs for those few. A child segment that a flusher
 --    has locked is left alone: its data is being delivered under its own id,
 --    and merging it now would move salts the flusher is about to clean up.
-local children = {}
-for i = FIRST_ID, #ARGV do
-    local id = ARGV[i]
-    if id ~= parent and id ~= root then
-        children[#children + 1] = id
+local ic_prefix = prefix .. ":ic:" .. prefix .. ":s:" .. tag .. ":"
+local found = {}
+for i = FIRST_ID, #ARGV, PAGE do
+    local ids = {}
+    local keys = {}
+    for j = i, math.min(i + PAGE - 1, #ARGV) do
+        local id = ARGV[j]
+        if id ~= parent and id ~= root then
+            ids[#ids + 1] = id
+            keys[#keys + 1] = ic_prefix .. id
+        end
+    end
+    if #keys > 0 then
+        local values = redis.call("MGET", unpack(keys))
+        for k = 1, #ids do
+            if values[k] then
+                found[#found + 1] = { id = ids[k], ic = tonumber(values[k]) }
+            end
+        end
     end
 end
 local child = {}
-for i = 1, #children, PAGE do
+for i = 1, #found, PAGE do
     local keys = {}
-    local last = math.min(i + PAGE - 1, #children)
+    local last = math.min(i + PAGE - 1, #found)
     for j = i, last do
-        local seg = segment_key(children[j])
-        keys[#keys + 1] = meta_key("ic", seg)
+        local seg = segment_key(found[j].id)
         keys[#keys + 1] = meta_key("ibc", seg)
         keys[#keys + 1] = meta_key("fl", seg)
         keys[#keys + 1] = meta_key("fs", seg)
     end
     local values = redis.call("MGET", unpack(keys))
     for j = i, last do
-        local k = (j - i) * 4
-        if not (check_lock and values[k + 3]) and (values[k + 1] or values[k + 2]) then
-            child[#child + 1] = {
-                id = children[j],
-                ic = values[k + 1] and tonumber(values[k + 1]),
-                ibc = values[k + 2] and tonumber(values[k + 2]),
-                fs = values[k + 4] and tonumber(values[k + 4]),
-            }
-            byte_count = byte_count + tonumber(values[k + 2] or "0")
+        local k = (j - i) * 3
+        if not (check_lock and values[k + 2]) then
+            local c = found[j]
+            c.ibc = values[k + 1] and tonumber(values[k + 1])
+            c.fs = values[k + 3] and tonumber(values[k + 3])
+            child[#child + 1] = c
+            byte_count = byte_count + (c.ibc or 0)
         end
     end
 end

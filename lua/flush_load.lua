@@ -48,11 +48,12 @@ if lock_ttl_ms > 0 then
     end
 end
 
-local ic = tonumber(redis.call("GET", meta_key("ic")) or "-1")
-local ibc = tonumber(redis.call("GET", meta_key("ibc")) or "-1")
+local meta = redis.call("MGET", meta_key("ic"), meta_key("ibc"), meta_key("cut"))
+local ic = tonumber(meta[1] or "-1")
+local ibc = tonumber(meta[2] or "-1")
 
 local segment_id = root
-local cut = redis.call("GET", meta_key("cut"))
+local cut = meta[3]
 if cut then
     -- The part was cut off from segment `cut`, which may since have been
     -- merged under a higher root.

@@ -17,11 +17,25 @@ Returns
   the number of entries removed
 ]]
 
+-- One ZMSCORE and one ZREM per page, whatever the number of entries.
+local PAGE = 1000
 local removed = 0
-for i = 1, #ARGV, 2 do
-    local score = redis.call("ZSCORE", KEYS[1], ARGV[i])
-    if score and tonumber(score) == tonumber(ARGV[i + 1]) then
-        removed = removed + redis.call("ZREM", KEYS[1], ARGV[i])
+for i = 1, #ARGV, 2 * PAGE do
+    local last = math.min(i + 2 * PAGE - 1, #ARGV)
+    local members = {}
+    for j = i, last, 2 do
+        members[#members + 1] = ARGV[j]
+    end
+    local scores = redis.call("ZMSCORE", KEYS[1], unpack(members))
+    local gone = {}
+    for k, member in ipairs(members) do
+        local score = scores[k]
+        if score and tonumber(score) == tonumber(ARGV[i + 2 * (k - 1) + 1]) then
+            gone[#gone + 1] = member
+        end
+    end
+    if #gone > 0 then
+        removed = removed + redis.call("ZREM", KEYS[1], unpack(gone))
     end
 end
 return removed

@@ -256,7 +256,8 @@ impl Store {
     }
 
     /// Precise cleanup of every segment (`flush_done`, one round trip), then
-    /// the unlinking of the payload sets it removed and the conditional queue
+    /// the unlinking of the payload sets it removed (one UNLINK for all on a
+    /// standalone server, one per slot on a cluster) and the conditional queue
     /// removal (one more round trip).
     pub async fn finish_segments(
         &self,
@@ -289,15 +290,17 @@ impl Store {
             .map(parse_done)
             .collect::<Result<_, _>>()?;
 
-        let mut ops = Vec::new();
-        for (d, reply) in done.iter().zip(&replies) {
-            for salt in &reply.removed_salts {
-                let key = self.keys().payload(&d.pt, salt);
-                let mut unlink = redis::cmd("UNLINK");
-                unlink.arg(&key);
-                ops.push(Op::new(key, unlink));
-            }
-        }
+        let payloads: Vec<String> = done
+            .iter()
+            .zip(&replies)
+            .flat_map(|(d, reply)| {
+                reply
+                    .removed_salts
+                    .iter()
+                    .map(|salt| self.keys().payload(&d.pt, salt))
+            })
+            .collect();
+        let mut ops = self.multi_key_ops("UNLINK", payloads);
         let mut by_queue: std::collections::BTreeMap<&str, Vec<&DoneRequest<'_>>> =
             Default::default();
         for d in done {

@@ -143,6 +143,9 @@ impl Op {
     }
 }
 
+/// Keys per multi-key command (`UNLINK k1 k2 …`).
+const MULTI_KEY_PAGE: usize = 1000;
+
 enum Backend {
     Standalone(deadpool_redis::Pool),
     Cluster(cluster::Pool),
@@ -320,6 +323,31 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// `command key…` over `keys` as few commands as the mode allows: pages of
+    /// keys on a standalone server, one command per hash slot (and page) on a
+    /// cluster, where a multi-key command must stay in one slot.
+    pub(crate) fn multi_key_ops(&self, command: &str, keys: Vec<String>) -> Vec<Op> {
+        let groups: Vec<Vec<String>> = if self.is_cluster() {
+            let mut by_slot: HashMap<Slot, Vec<String>> = HashMap::new();
+            for key in keys {
+                by_slot.entry(Slot::for_key(&key)).or_default().push(key);
+            }
+            by_slot.into_values().collect()
+        } else {
+            vec![keys]
+        };
+        groups
+            .iter()
+            .flat_map(|group| group.chunks(MULTI_KEY_PAGE))
+            .filter(|page| !page.is_empty())
+            .map(|page| {
+                let mut cmd = redis::cmd(command);
+                cmd.arg(page);
+                Op::new(page[0].clone(), cmd)
+            })
+            .collect()
     }
 
     /// Runs one command that is not tied to a key (cluster: routed by
