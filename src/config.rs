@@ -228,7 +228,7 @@ pub const VARIABLES: &[VarDoc] = &[
     },
     VarDoc {
         name: var::WINDOW_MAX_SPANS,
-        default: "10000",
+        default: "20000",
         meaning: "coalescing window: consumed spans staged in memory before one write to Redis (1 to 1000000)",
     },
     VarDoc {
@@ -326,7 +326,7 @@ fn expected(name: &str) -> &'static str {
         var::SEGMENT_PAGE_SIZE => "expected a whole number from 1 to 100000 (e.g. 100)",
         var::FLUSH_INTERVAL_MS => "expected a whole number of milliseconds from 10 to 60000 (e.g. 500)",
         var::MAX_FLUSH_LAG_SECS => "expected a whole number of seconds, 0 to disable (e.g. 30)",
-        var::WINDOW_MAX_SPANS => "expected a whole number from 1 to 1000000 (e.g. 10000)",
+        var::WINDOW_MAX_SPANS => "expected a whole number from 1 to 1000000 (e.g. 20000)",
         var::WINDOW_MAX_BYTES => "expected a whole number of bytes, at least 1024 (e.g. 33554432)",
         var::WINDOW_MAX_MS => "expected a whole number of milliseconds from 0 to 60000 (e.g. 250)",
         var::MAX_REDIS_MEMORY_PERCENT => "expected a whole number from 0 (disabled) to 100 (e.g. 90)",
@@ -358,7 +358,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
     /// `SPANBUF_WINDOW_MAX_SPANS`: a coalescing window (docs/design.md §5) is
-    /// written once it stages this many spans, 1..=1000000; 10000 by default.
+    /// written once it stages this many spans, 1..=1000000; 20000 by default
+    /// (chosen by the bench sweep in the README).
     pub window_max_spans: usize,
     /// `SPANBUF_WINDOW_MAX_BYTES`: ... or this many payload bytes, ≥ 1024; 32 MiB
     /// by default (with the span bound, what a worker holds in memory).
@@ -388,7 +389,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            window_max_spans: 10_000,
+            window_max_spans: 20_000,
             window_max_bytes: 32 * 1024 * 1024,
             window_max_ms: 250,
             flush_interval_ms: 500,

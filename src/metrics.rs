@@ -180,20 +180,12 @@ pub const DROP_REASONS: [&str; 2] = ["expired", "unreadable"];
 
 /// Spans per window: 1 … 1,000,000.
 fn window_buckets() -> Vec<f64> {
-    vec![
-        1.0,
-        10.0,
-        100.0,
-        500.0,
-        1000.0,
-        2000.0,
-        5000.0,
-        10_000.0,
-        20_000.0,
-        50_000.0,
-        100_000.0,
-        1_000_000.0,
+    [
+        1, 10, 20, 50, 100, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000, 1_000_000,
     ]
+    .into_iter()
+    .map(f64::from)
+    .collect()
 }
 
 /// Latency buckets for Redis-bound work: 0.5 ms … 10 s.

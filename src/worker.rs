@@ -382,8 +382,16 @@ async fn consume_loop(
             .due_in(&bounds, Instant::now())
             .map_or(batch_wait, |d| d.min(batch_wait));
         let room = window.room(&bounds).clamp(1, batch_max);
+        let byte_room = window.byte_room(&bounds).max(1);
         let batch = match consumer
-            .next_batch(std::mem::take(&mut carried), room, wait, wait, &stop)
+            .next_batch(
+                std::mem::take(&mut carried),
+                room,
+                byte_room,
+                wait,
+                wait,
+                &stop,
+            )
             .await
         {
             Ok(batch) => batch,
@@ -478,7 +486,7 @@ async fn stage_batch(
     if let Some(dlq) = &shared.config.kafka.dlq_topic {
         forward_invalid(shared, dlq, &invalid).await?;
     }
-    window.stage(
+    let released = window.stage(
         spans,
         staged,
         oldest,
@@ -486,7 +494,23 @@ async fn stage_batch(
             .into_iter()
             .map(|(p, (next_offset, epoch))| (p, PartitionMark { next_offset, epoch })),
     );
+    record_released(shared, released);
     Ok(())
+}
+
+/// Staged spans dropped because their partition was revoked: the new owner
+/// (or this process again, under a new epoch) reads them from the commit.
+fn record_released(shared: &Shared, spans: usize) {
+    if spans > 0 {
+        tracing::info!(
+            spans,
+            "staged spans of revoked partitions left to their new owner"
+        );
+        shared
+            .metrics
+            .window_spans_released_total
+            .inc_by(spans as u64);
+    }
 }
 
 /// Writes the window to Redis, then commits its offsets. Staged spans of a
@@ -502,17 +526,7 @@ async fn write_window(
     mode: CommitMode,
 ) -> Result<(), WorkerError> {
     let assignment = consumer.assignment();
-    let released = window.drop_revoked(|p| assignment.epoch(p));
-    if released > 0 {
-        tracing::info!(
-            spans = released,
-            "staged spans of revoked partitions left to their new owner"
-        );
-        shared
-            .metrics
-            .window_spans_released_total
-            .inc_by(released as u64);
-    }
+    record_released(shared, window.drop_revoked(|p| assignment.epoch(p)));
     if window.is_empty() {
         window.clear();
         shared.clock.release();

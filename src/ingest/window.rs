@@ -77,17 +77,31 @@ impl Window {
     }
 
     /// Stages a batch: its valid spans, its oldest timestamp, and for each
-    /// partition the offset after its last message (valid or invalid).
+    /// partition the offset after its last message (valid or invalid). A
+    /// partition staged before under another epoch was revoked and assigned
+    /// again meanwhile: what was staged of it is dropped first (the consumer
+    /// reads it again from the committed offset). Returns the spans dropped.
     pub fn stage(
         &mut self,
         spans: Vec<ShardedSpan>,
         messages: usize,
         oldest_ms: i64,
         offsets: impl IntoIterator<Item = (i32, PartitionMark)>,
-    ) {
+    ) -> usize {
         if messages == 0 {
-            return;
+            return 0;
         }
+        let offsets: Vec<(i32, PartitionMark)> = offsets.into_iter().collect();
+        let stale: Vec<i32> = offsets
+            .iter()
+            .filter(|(p, mark)| {
+                self.partitions
+                    .get(p)
+                    .is_some_and(|m| m.epoch != mark.epoch)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        let dropped = self.drop_partitions(&stale);
         self.opened.get_or_insert_with(Instant::now);
         self.oldest_ms = Some(self.oldest_ms.map_or(oldest_ms, |o| o.min(oldest_ms)));
         self.messages += messages;
@@ -96,8 +110,13 @@ impl Window {
         for (partition, mark) in offsets {
             let entry = self.partitions.entry(partition).or_insert(mark);
             entry.next_offset = entry.next_offset.max(mark.next_offset);
-            entry.epoch = mark.epoch;
         }
+        dropped
+    }
+
+    /// Room left before the byte bound.
+    pub fn byte_room(&self, bounds: &WindowBounds) -> usize {
+        bounds.max_bytes.saturating_sub(self.bytes)
     }
 
     /// Whether the window is due for writing at `now`.
@@ -135,15 +154,20 @@ impl Window {
             .filter(|(p, mark)| epoch_of(**p) != Some(mark.epoch))
             .map(|(p, _)| *p)
             .collect();
+        self.drop_partitions(&gone)
+    }
+
+    /// Drops the staged spans and offsets of `gone`; returns the spans dropped.
+    fn drop_partitions(&mut self, gone: &[i32]) -> usize {
         if gone.is_empty() {
             return 0;
         }
         let before = self.spans.len();
-        if gone.len() == self.partitions.len() {
+        if self.partitions.keys().all(|p| gone.contains(p)) {
             self.clear();
             return before;
         }
-        for p in &gone {
+        for p in gone {
             self.partitions.remove(p);
         }
         self.spans
@@ -220,6 +244,23 @@ mod tests {
         );
         w.clear();
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_partition_staged_again_under_a_new_epoch_drops_what_it_had() {
+        let mut w = Window::default();
+        w.stage(
+            vec![span(0, "a", 5), span(1, "b", 7)],
+            2,
+            0,
+            [(0, mark(1, 1)), (1, mark(1, 1))],
+        );
+        // Partition 1 was revoked and assigned again: its old copy goes.
+        let dropped = w.stage(vec![span(1, "b", 7)], 1, 0, [(1, mark(1, 2))]);
+        assert_eq!(dropped, 1);
+        assert_eq!(w.span_count(), 2);
+        assert_eq!(w.partitions()[&1], mark(1, 2));
+        assert_eq!(w.partitions()[&0], mark(1, 1));
     }
 
     #[test]

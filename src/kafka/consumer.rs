@@ -194,21 +194,24 @@ impl InputConsumer {
         &self.assignment
     }
 
-    /// Collects up to `max` messages (starting with `carried`), waiting at
-    /// most `max_wait` after the first one (and at most `idle` for the first
-    /// one). Returns early, with what it has, when `stop` resolves.
+    /// Collects up to `max` messages or `max_bytes` of payload (starting with
+    /// `carried`), waiting at most `max_wait` after the first one (and at
+    /// most `idle` for the first one). Returns early, with what it has, when
+    /// `stop` resolves.
     pub async fn next_batch(
         &self,
         carried: Vec<Consumed>,
         max: usize,
+        max_bytes: usize,
         max_wait: Duration,
         idle: Duration,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Result<Vec<Consumed>, KafkaError> {
         let mut batch = carried;
+        let mut bytes: usize = batch.iter().map(|m| m.payload.len()).sum();
         batch.reserve(max.saturating_sub(batch.len()));
         let started = Instant::now();
-        while batch.len() < max {
+        while batch.len() < max && bytes < max_bytes {
             let limit = if batch.is_empty() {
                 idle
             } else {
@@ -222,7 +225,11 @@ impl InputConsumer {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep(limit) => break,
                 received = self.consumer.recv() => match received {
-                    Ok(message) => batch.push(Consumed::from_message(&message)),
+                    Ok(message) => {
+                        let message = Consumed::from_message(&message);
+                        bytes += message.payload.len();
+                        batch.push(message);
+                    }
                     Err(source) => {
                         if batch.is_empty() {
                             return Err(KafkaError::Client { operation: "consume", source });

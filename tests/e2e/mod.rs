@@ -200,6 +200,8 @@ pub struct Output {
     /// The `spanbuf-invalid-reason` header of each dead letter.
     pub dlq: Vec<Option<Vec<u8>>>,
     pub records: usize,
+    /// Spans in all records read, duplicates included.
+    pub deliveries: usize,
 }
 
 impl Output {
@@ -223,6 +225,7 @@ impl Output {
             spans: BTreeMap::new(),
             dlq: Vec::new(),
             records: 0,
+            deliveries: 0,
         }
     }
 
@@ -284,6 +287,7 @@ impl Output {
             "key = trace id"
         );
         self.records += 1;
+        self.deliveries += record.spans.len();
         for raw in &record.spans {
             let v: Value = serde_json::from_str(raw.get()).expect("span");
             let id = v["span_id"].as_str().expect("id").to_string();
