@@ -12,7 +12,12 @@
 //!   batch, so 500 one-span subsegments.
 //!
 //! Spans carry no `sentry.segment.id`, so grouping has to follow parents.
-//! Throughput is in spans. Run: `cargo bench --bench grouping`.
+//!
+//! `window_20000` groups one coalescing window (docs/design.md §5) of the
+//! default 20,000 spans from `spanbuf gen`'s shuffled workload (1,000 traces
+//! × 20 spans, depth 3, sliding shuffle over 1,000 lines), then salts and
+//! compresses every subsegment as ingest does: the worker's per-window CPU
+//! before Redis. Throughput is in spans. Run: `cargo bench --bench grouping`.
 
 mod common;
 
@@ -153,5 +158,56 @@ fn bench_group_and_salt(c: &mut Criterion) {
     bench.finish();
 }
 
-criterion_group!(benches, bench_group_and_salt);
+/// One default-sized window of the shuffled workload, decoded.
+fn window() -> Vec<ShardedSpan> {
+    let spec = spanbuf::gen::GenSpec {
+        traces: WINDOW_SPANS / 20,
+        spans_per_segment: 20,
+        ..spanbuf::gen::GenSpec::default()
+    };
+    let mut window = Vec::with_capacity(WINDOW_SPANS);
+    spanbuf::gen::generate(&spec, |line| {
+        let span = decode_span(line, MAX_SPAN_BYTES).expect("generated spans are valid");
+        window.push(ShardedSpan { shard: 0, span });
+    });
+    window
+}
+
+const WINDOW_SPANS: usize = 20_000;
+
+fn bench_window(c: &mut Criterion) {
+    let window = window();
+    assert_eq!(window.len(), WINDOW_SPANS);
+    let subs = group(&window);
+    assert!(
+        subs.len() >= WINDOW_SPANS / 20,
+        "{} subsegments",
+        subs.len()
+    );
+
+    let mut bench = c.benchmark_group("window_20000");
+    bench.throughput(Throughput::Elements(WINDOW_SPANS as u64));
+    bench.sample_size(20);
+    bench.bench_function("group", |b| b.iter(|| group(black_box(&window))));
+    bench.bench_function("group_salt_compress", |b| {
+        b.iter(|| {
+            let subs = group(black_box(&window));
+            let mut stored = 0usize;
+            for sub in &subs {
+                let payloads: Vec<&[u8]> = sub
+                    .spans
+                    .iter()
+                    .map(|&i| window[i].span.payload.as_ref())
+                    .collect();
+                let members =
+                    spanbuf::span::compress::encode_members(&payloads, 0).expect("compress");
+                stored += members.iter().map(Vec::len).sum::<usize>() + sub.salt(&window).len();
+            }
+            stored
+        })
+    });
+    bench.finish();
+}
+
+criterion_group!(benches, bench_group_and_salt, bench_window);
 criterion_main!(benches);
