@@ -198,9 +198,11 @@ struct ReplayArgs {
     /// Output file of FlushedSegment records (JSON, one per line); `-` for stdout.
     #[arg(long, default_value = "-")]
     output: PathBuf,
-    /// Lines per ingest batch.
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    batch_size: u64,
+    /// Lines per ingest batch (each batch is one coalescing window); default
+    /// SPANBUF_WINDOW_MAX_SPANS, the worker's window, so a replay writes to
+    /// Redis the way the worker does.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    batch_size: Option<u64>,
     /// Number of shards; a span's shard is its trace id modulo this.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     shards: u32,
@@ -319,7 +321,10 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
     let options = ReplayOptions {
         input: args.input,
         output: args.output,
-        batch_size: usize::try_from(args.batch_size)?,
+        batch_size: match args.batch_size {
+            Some(lines) => usize::try_from(lines)?,
+            None => config.worker.window_max_spans,
+        },
         shards: args.shards,
         drain: !args.no_drain,
     };
