@@ -9,6 +9,9 @@ use redis::Value;
 
 use super::{Keys, Op, Store, StoreError};
 
+/// Queue members per ZADD / ZREM: a page takes Redis well under a millisecond.
+const QUEUE_PAGE: usize = 250;
+
 /// Parameters shared by every insert of one batch.
 #[derive(Debug, Clone)]
 pub struct InsertParams {
@@ -129,20 +132,24 @@ impl Store {
         for update in updates {
             let queue = keys.queue(update.shard);
             if !update.add.is_empty() {
-                let mut zadd = redis::cmd("ZADD");
-                zadd.arg(&queue);
-                for (member, deadline) in &update.add {
-                    zadd.arg(format!("{deadline:.3}")).arg(member);
+                // In pages: one ZADD of a whole window's segments held Redis
+                // for milliseconds (p99 2.8 ms for ~1,500 members).
+                for page in update.add.chunks(QUEUE_PAGE) {
+                    let mut zadd = redis::cmd("ZADD");
+                    zadd.arg(&queue);
+                    for (member, deadline) in page {
+                        zadd.arg(format!("{deadline:.3}")).arg(member);
+                    }
+                    ops.push(Op::new(queue.clone(), zadd));
                 }
-                ops.push(Op::new(queue.clone(), zadd));
                 let mut expire = redis::cmd("EXPIRE");
                 expire.arg(&queue).arg(ttl_secs);
                 ops.push(Op::new(queue.clone(), expire));
             }
-            if !update.remove.is_empty() {
+            for page in update.remove.chunks(QUEUE_PAGE) {
                 let mut zrem = redis::cmd("ZREM");
-                zrem.arg(&queue).arg(&update.remove);
-                ops.push(Op::new(queue, zrem));
+                zrem.arg(&queue).arg(page);
+                ops.push(Op::new(queue.clone(), zrem));
             }
         }
         self.exec_stages("update queues", vec![ops]).await?;
