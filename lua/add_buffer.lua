@@ -15,17 +15,18 @@ Purpose
 
 Cost (it runs for every subsegment, so Redis CPU is mostly this script)
   Everything the call needs about the target segment is read in one MGET and
-  every counter is written with one SET ... EX (the script is atomic, so
+  every counter is written with one SET (the script is atomic, so
   read-modify-write is safe). A new segment costs about 11 commands, adding to
   an existing one about 8: HGET (root), MGET (target), SADD (index; its reply
   is the redelivery check), HSET + EXPIRE (redirects), MGET of the spans' ic
   keys (earlier segments rooted at these spans; one key per span, since every
   key read is a keyspace lookup), SET ic, SET ibc, and for a new segment
   EXPIRE of the index and SET of hrs/fs. Merging an earlier segment adds an
-  MGET, an SSCAN and a DEL. Keys whose life is bounded by the segment's (the
-  index, hrs, fs) get their TTL once, when created: the segment is flushed
-  within SPANBUF_MAX_SEGMENT_LIFETIME_SECS of its first span, which the
-  configuration keeps below the TTL. The redirect map is shared by the
+  MGET, an SSCAN and a DEL. A segment's own keys (index, ic, ibc, hrs, fs) get
+  their TTL once, when the segment is created, and keep it (KEEPTTL): the
+  segment is flushed within SPANBUF_MAX_SEGMENT_LIFETIME_SECS of its first
+  span, which the configuration keeps below the TTL, and its first payload
+  set, written once, expires then anyway. The redirect map is shared by the
   trace's segments and is refreshed on every call.
 
 KEYS
@@ -245,10 +246,16 @@ end
 -- 8. Counters (one SET each, TTL included), and what a new segment needs once.
 ic = ic + num_spans
 ibc = ibc + byte_count
-redis.call("SET", meta_key("ic", set_key), ic, "EX", ttl)
-redis.call("SET", meta_key("ibc", set_key), ibc, "EX", ttl)
+-- A segment's own keys all expire together, `ttl` after it was created:
+-- written in one call, the index and the counters get the same expiry, so
+-- the counters' absence (a new segment) means the index is new too.
 if new_segment then
+    redis.call("SET", meta_key("ic", set_key), ic, "EX", ttl)
+    redis.call("SET", meta_key("ibc", set_key), ibc, "EX", ttl)
     redis.call("EXPIRE", target_mk, ttl)
+else
+    redis.call("SET", meta_key("ic", set_key), ic, "KEEPTTL")
+    redis.call("SET", meta_key("ibc", set_key), ibc, "KEEPTTL")
 end
 if fs_changed then
     redis.call("SET", meta_key("fs", set_key), string.format("%.3f", first_seen), "EX", ttl)

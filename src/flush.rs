@@ -42,22 +42,28 @@ pub struct FlushSettings {
     pub lock_ttl_ms: u64,
     pub max_segment_bytes: usize,
     pub page_size: usize,
-    /// Bound on one payload member's decompressed size: one subsegment is at
-    /// most one batch of maximal spans.
+    /// Bound on one payload member's decompressed size
+    /// ([`crate::span::compress::max_member_bytes`]).
     pub max_member_bytes: usize,
 }
 
 impl FlushSettings {
     pub fn from_config(config: &Config) -> Self {
-        let batch_bytes = config.kafka.batch_max_spans as u64 * config.buffer.max_span_bytes;
+        // What builds before coalescing windows wrote: one frame per
+        // subsegment of a poll batch of maximal spans.
+        let batch_bytes =
+            (config.kafka.batch_max_spans as u64).saturating_mul(config.buffer.max_span_bytes);
         Self {
             max_flush_segments: config.buffer.max_flush_segments,
             lock_ttl_ms: config.buffer.flush_lock_ttl_secs * 1000,
             max_segment_bytes: usize::try_from(config.buffer.max_segment_bytes)
                 .unwrap_or(usize::MAX),
             page_size: config.buffer.segment_page_size,
-            max_member_bytes: usize::try_from(batch_bytes.max(config.buffer.max_segment_bytes))
-                .unwrap_or(usize::MAX),
+            max_member_bytes: crate::span::compress::max_member_bytes(
+                usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX),
+                usize::try_from(batch_bytes.max(config.buffer.max_segment_bytes))
+                    .unwrap_or(usize::MAX),
+            ),
         }
     }
 }

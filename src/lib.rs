@@ -14,7 +14,11 @@
 //! - [`config`]: the one typed configuration, from `SPANBUF_*` variables only.
 //! - [`span`]: what a span is to spanbuf: decoding (JSON / MessagePack), the
 //!   invalid-input reasons, and the payload compression format in Redis.
-//! - [`ingest`]: one batch of spans → subsegments → Redis (docs/design.md §5).
+//! - [`engine`]: the one pipeline `run`, `replay` and `bench` drive (decode →
+//!   coalesce → ingest → flush → sink); the drivers differ only in source,
+//!   sink and clock ([`clock`]).
+//! - [`ingest`]: one coalescing window of spans → subsegments → Redis
+//!   (docs/design.md §5); [`ingest::window`] stages poll batches into windows.
 //! - [`flush`]: due segments → lock → load → records → [`sink`] → precise
 //!   cleanup (docs/design.md §6).
 //! - [`replay`]: recorded spans through ingest and flush without Kafka (§7).
@@ -38,6 +42,7 @@ pub mod audit;
 pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod fault;
 pub mod flush;
 pub mod gen;

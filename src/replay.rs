@@ -4,22 +4,23 @@
 //! Reads NDJSON, cuts it into batches, gives each batch the clock of its
 //! minimum `received`, ingests it, flushes everything due at that clock, and at
 //! the end (unless `--no-drain`) moves the clock past every deadline and
-//! flushes the rest. Owns only the replay loop and its clock; ingest, flush
-//! and the sink are the worker's own code.
+//! flushes the rest. Owns only the replay loop, its clock and its summary;
+//! decoding, ingest and flush are the [`Engine`] every driver runs.
 
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::clock::ReplayClock;
 use crate::config::Config;
-use crate::flush::{CycleOutcome, FlushError, FlushSettings, Flusher};
-use crate::ingest::{IngestError, IngestSettings, Ingestor, ShardedSpan};
+use crate::engine::{shard_of, Engine};
+use crate::flush::{CycleOutcome, FlushError};
+use crate::ingest::{IngestError, ShardedSpan};
 use crate::metrics::Metrics;
 use crate::sink::{NdjsonSink, Sink, SinkError};
-use crate::span::decode_span;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +78,6 @@ impl ReplaySummary {
     }
 }
 
-/// Shard of a trace: its id as a number modulo `shards` (stable across runs
-/// and processes).
-pub fn shard_of(trace_id: &str, shards: u32) -> u32 {
-    let n = u128::from_str_radix(trace_id, 16).unwrap_or(0);
-    (n % u128::from(shards.max(1))) as u32
-}
-
 /// Runs a replay with its own store connection.
 pub async fn replay(
     config: &Config,
@@ -119,14 +113,8 @@ pub async fn run<S: Sink>(
     input: Box<dyn BufRead + Send>,
     sink: &S,
 ) -> Result<ReplaySummary, ReplayError> {
-    let ingestor = Ingestor::new(
-        store.clone(),
-        IngestSettings::from_config(&config.redis, &config.buffer),
-        metrics.clone(),
-    );
-    let flusher = Flusher::new(store, FlushSettings::from_config(config), metrics.clone());
+    let engine = Engine::new(config, store, metrics.clone());
     let shards: Vec<u32> = (0..options.shards).collect();
-    let max_span_bytes = usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX);
 
     let mut summary = ReplaySummary::default();
     let mut clock = ReplayClock::default();
@@ -147,7 +135,7 @@ pub async fn run<S: Sink>(
                 continue;
             }
             line_no += 1;
-            let line_clock = match decode_span(line.as_bytes(), max_span_bytes) {
+            let line_clock = match engine.decode(Bytes::from(line)) {
                 Ok(span) => {
                     let c = clock.line(span.received);
                     let shard = shard_of(&span.trace_id, options.shards);
@@ -168,11 +156,13 @@ pub async fn run<S: Sink>(
         metrics.record_invalid(invalid);
 
         let now = clock.batch(batch_min);
-        let ingested = ingestor.ingest(&batch, now).await?;
+        let ingested = engine.write(&batch, now).await?;
         // Spans already buffered (a copy earlier in the batch, or the same
         // subsegment ingested before) are duplicates, not consumed twice.
         summary.spans_duplicate += ingested.spans_redelivered as u64;
-        flush_due(&flusher, &shards, now, sink, &mut summary).await?;
+        engine
+            .flush_due(&shards, now, sink, |cycle| summary.add(cycle))
+            .await?;
     }
 
     if options.drain {
@@ -182,39 +172,9 @@ pub async fn run<S: Sink>(
             .timeout_secs
             .max(config.buffer.root_timeout_secs) as f64;
         let now = clock.current() + longest + 1.0;
-        flush_due(&flusher, &shards, now, sink, &mut summary).await?;
+        engine
+            .flush_due(&shards, now, sink, |cycle| summary.add(cycle))
+            .await?;
     }
     Ok(summary)
-}
-
-/// Flush cycles at `now` until nothing due is left.
-async fn flush_due<S: Sink>(
-    flusher: &Flusher,
-    shards: &[u32],
-    now: f64,
-    sink: &S,
-    summary: &mut ReplaySummary,
-) -> Result<(), FlushError> {
-    loop {
-        let cycle = flusher.flush_cycle(shards, now, sink).await?;
-        summary.add(&cycle);
-        // Stop when nothing more is due, or when a full cycle made no progress
-        // (every candidate locked by someone else: their lock TTL decides).
-        let progressed = cycle.segments_flushed + cycle.segments_empty > 0;
-        if !cycle.more_due || !progressed {
-            return Ok(());
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_is_the_trace_id_modulo() {
-        assert_eq!(shard_of("0000000000000000000000000000000a", 4), 2);
-        assert_eq!(shard_of("ffffffffffffffffffffffffffffffff", 1), 0);
-        assert_eq!(shard_of("0000000000000000000000000000000a", 0), 0);
-    }
 }

@@ -32,15 +32,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{wall_ms, LiveClock};
 use crate::config::Config;
-use crate::flush::{FlushSettings, Flusher};
+use crate::engine::Engine;
 use crate::http::{self, Health};
-use crate::ingest::window::{PartitionMark, Window, WindowBounds};
-use crate::ingest::{IngestSettings, Ingestor, ShardedSpan};
+use crate::ingest::window::{PartitionMark, Window};
+use crate::ingest::ShardedSpan;
 use crate::kafka::consumer::{Consumed, InputConsumer};
 use crate::kafka::producer::KafkaSink;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
-use crate::span::{decode_span_bytes, InvalidSpan};
+use crate::span::InvalidSpan;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     store: Arc<Store>,
+    /// Ingest and flush; one flush-lock token for the process.
+    engine: Engine,
     sink: Arc<KafkaSink>,
     clock: LiveClock,
     /// Largest flush lag of the last cycle, milliseconds (soft backpressure).
@@ -110,7 +112,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     health.set_kafka_ok(true);
 
     let consumer = Arc::new(InputConsumer::new(&config)?);
+    let engine = Engine::new(&config, store.clone(), metrics.clone());
     let shared = Arc::new(Shared {
+        engine,
         config,
         metrics,
         health: health.clone(),
@@ -297,15 +301,9 @@ async fn consume_loop(
     consumer: Arc<InputConsumer>,
     stop: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let ingestor = Ingestor::new(
-        shared.store.clone(),
-        IngestSettings::from_config(&shared.config.redis, &shared.config.buffer),
-        shared.metrics.clone(),
-    );
-    let max_span_bytes = usize::try_from(shared.config.buffer.max_span_bytes).unwrap_or(usize::MAX);
     let batch_max = shared.config.kafka.batch_max_spans;
     let batch_wait = Duration::from_millis(shared.config.kafka.batch_max_ms);
-    let bounds = window_bounds(&shared.config);
+    let bounds = *shared.engine.bounds();
     let mut window = Window::default();
     let mut carried: Vec<Consumed> = Vec::new();
     let mut paused_for: Option<&'static str> = None;
@@ -325,7 +323,6 @@ async fn consume_loop(
             write_window(
                 &shared,
                 &consumer,
-                &ingestor,
                 &mut window,
                 &mut carried,
                 CommitMode::Async,
@@ -405,7 +402,7 @@ async fn consume_loop(
             }
         };
         shared.health.set_kafka_ok(true);
-        stage_batch(&shared, &consumer, &mut window, batch, max_span_bytes).await?;
+        stage_batch(&shared, &consumer, &mut window, batch).await?;
     }
     // Shutdown: the window in hand always reaches Redis; the commit is
     // synchronous so it is on the broker before we leave.
@@ -413,7 +410,6 @@ async fn consume_loop(
         write_window(
             &shared,
             &consumer,
-            &ingestor,
             &mut window,
             &mut carried,
             CommitMode::Sync,
@@ -423,15 +419,6 @@ async fn consume_loop(
     Ok(())
 }
 
-/// The coalescing window bounds of the configuration (docs/design.md §5).
-pub fn window_bounds(config: &Config) -> WindowBounds {
-    WindowBounds {
-        max_spans: config.worker.window_max_spans,
-        max_bytes: config.worker.window_max_bytes,
-        max_age: Duration::from_millis(config.worker.window_max_ms),
-    }
-}
-
 /// Decode → dead-letter → stage one polled batch. Messages of a partition no
 /// longer held (revoked during the poll) are left for its new owner.
 async fn stage_batch(
@@ -439,7 +426,6 @@ async fn stage_batch(
     consumer: &InputConsumer,
     window: &mut Window,
     batch: Vec<Consumed>,
-    max_span_bytes: usize,
 ) -> Result<(), WorkerError> {
     if batch.is_empty() {
         return Ok(());
@@ -464,7 +450,7 @@ async fn stage_batch(
         mark.0 = mark.0.max(message.offset + 1);
         oldest = oldest.min(message.timestamp_ms.unwrap_or_else(wall_ms));
         staged += 1;
-        match decode_span_bytes(message.payload.clone(), max_span_bytes) {
+        match shared.engine.decode(message.payload.clone()) {
             Ok(span) => spans.push(ShardedSpan {
                 shard: u32::try_from(message.partition).unwrap_or(0),
                 span,
@@ -520,7 +506,6 @@ fn record_released(shared: &Shared, spans: usize) {
 async fn write_window(
     shared: &Shared,
     consumer: &InputConsumer,
-    ingestor: &Ingestor,
     window: &mut Window,
     carried: &mut Vec<Consumed>,
     mode: CommitMode,
@@ -541,7 +526,7 @@ async fn write_window(
     let mut backoff = BACKOFF_START;
     let mut paused = false;
     loop {
-        match ingestor.ingest(window.spans(), now).await {
+        match shared.engine.write(window.spans(), now).await {
             Ok(_) => break,
             Err(err) if err.is_transient() => {
                 shared.health.set_redis_ok(false);
@@ -669,16 +654,12 @@ async fn flush_loop(
     consumer: Arc<InputConsumer>,
     stop: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let flusher = Flusher::new(
-        shared.store.clone(),
-        FlushSettings::from_config(&shared.config),
-        shared.metrics.clone(),
-    );
     let interval = Duration::from_millis(shared.config.worker.flush_interval_ms);
     let mut backoff = BACKOFF_START;
     while !stop.is_cancelled() {
         let shards = consumer.assignment().shards();
-        let wait = match flusher
+        let wait = match shared
+            .engine
             .flush_cycle(&shards, shared.clock.now(), shared.sink.as_ref())
             .await
         {

@@ -33,15 +33,14 @@ use bytes::Bytes;
 
 use crate::clock::{wall_ms, LiveClock};
 use crate::config::{Config, OutputCodec};
-use crate::flush::{FlushError, FlushSettings, Flusher};
+use crate::engine::{shard_of, Engine};
+use crate::flush::FlushError;
 use crate::ingest::window::Window;
-use crate::ingest::{IngestError, IngestSettings, Ingestor, ShardedSpan};
+use crate::ingest::{IngestError, ShardedSpan};
 use crate::kafka::producer::KafkaSink;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
-use crate::replay::shard_of;
 use crate::sink::{Sink, SinkError};
-use crate::span::decode_span_bytes;
 use crate::span::record::FlushedSegment;
 use crate::store::{Store, StoreError};
 
@@ -163,13 +162,9 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
 
     let input_done = Arc::new(AtomicBool::new(false));
     let clock = Arc::new(LiveClock::default());
+    let engine = Arc::new(Engine::new(config, store.clone(), metrics.clone()));
     let flush_task = tokio::spawn(flush_loop(
-        Flusher::new(
-            store.clone(),
-            FlushSettings::from_config(config),
-            metrics.clone(),
-        ),
-        store.clone(),
+        engine.clone(),
         shards.clone(),
         sink.clone(),
         clock.clone(),
@@ -177,15 +172,7 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
         input_done.clone(),
         options.max_wait,
     ));
-    let ingest = ingest_all(
-        config,
-        options,
-        store.clone(),
-        metrics.clone(),
-        &clock,
-        file,
-    )
-    .await;
+    let ingest = ingest_all(config, options, &engine, &metrics, &clock, file).await;
     input_done.store(true, Ordering::Release);
     let ingest_secs = started.elapsed().as_secs_f64();
     let flushed = flush_task
@@ -271,8 +258,8 @@ struct Ingested {
 async fn ingest_all(
     config: &Config,
     options: &PointOptions,
-    store: Arc<Store>,
-    metrics: Arc<Metrics>,
+    engine: &Engine,
+    metrics: &Metrics,
     clock: &LiveClock,
     file: std::fs::File,
 ) -> Result<Ingested, BenchError> {
@@ -306,13 +293,7 @@ async fn ingest_all(
             let _ = tx.blocking_send(Ok(batch));
         }
     });
-    let ingestor = Ingestor::new(
-        store,
-        IngestSettings::from_config(&config.redis, &config.buffer),
-        metrics.clone(),
-    );
-    let bounds = crate::worker::window_bounds(config);
-    let max_span_bytes = usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX);
+    let bounds = *engine.bounds();
     let mut out = Ingested::default();
     let mut window = Window::default();
     let result = async {
@@ -323,7 +304,7 @@ async fn ingest_all(
                 Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
                     Ok(next) => next,
                     Err(_) => {
-                        write(&ingestor, &mut window, clock, &mut out).await?;
+                        write(engine, &mut window, clock, &mut out).await?;
                         continue;
                     }
                 },
@@ -338,7 +319,7 @@ async fn ingest_all(
             let mut spans = Vec::with_capacity(batch.len());
             let mut reasons = Vec::new();
             for line in batch {
-                match decode_span_bytes(Bytes::from(line), max_span_bytes) {
+                match engine.decode(Bytes::from(line)) {
                     Ok(span) => spans.push(ShardedSpan {
                         shard: shard_of(&span.trace_id, options.shards),
                         span,
@@ -352,10 +333,10 @@ async fn ingest_all(
             clock.hold(stamp);
             window.stage(spans, messages, stamp, []);
             if window.is_due(&bounds, Instant::now()) {
-                write(&ingestor, &mut window, clock, &mut out).await?;
+                write(engine, &mut window, clock, &mut out).await?;
             }
         }
-        write(&ingestor, &mut window, clock, &mut out).await
+        write(engine, &mut window, clock, &mut out).await
     }
     .await;
     drop(rx);
@@ -369,15 +350,13 @@ async fn ingest_all(
 
 /// Writes a staged window at its oldest stamp and releases the clock.
 async fn write(
-    ingestor: &Ingestor,
+    engine: &Engine,
     window: &mut Window,
     clock: &LiveClock,
     out: &mut Ingested,
 ) -> Result<(), BenchError> {
     if let Some(oldest) = window.oldest_ms() {
-        let outcome = ingestor
-            .ingest(window.spans(), oldest as f64 / 1000.0)
-            .await?;
+        let outcome = engine.write(window.spans(), oldest as f64 / 1000.0).await?;
         out.duplicates += outcome.spans_redelivered as u64;
     }
     window.clear();
@@ -400,8 +379,7 @@ struct Flushed {
 /// Flush cycles at the wall clock until the input is done and every queue is
 /// empty, or `max_wait` after the input ended.
 async fn flush_loop(
-    flusher: Flusher,
-    store: Arc<Store>,
+    engine: Arc<Engine>,
     shards: Vec<u32>,
     sink: Arc<BenchSink>,
     clock: Arc<LiveClock>,
@@ -414,7 +392,7 @@ async fn flush_loop(
     loop {
         let done = input_done.load(Ordering::Acquire);
         let cycle_start = Instant::now();
-        let cycle = flusher
+        let cycle = engine
             .flush_cycle(&shards, clock.now(), sink.as_ref())
             .await?;
         if cycle.segments_flushed > 0 {
@@ -430,7 +408,8 @@ async fn flush_loop(
             continue;
         }
         if done {
-            let queued: u64 = store
+            let queued: u64 = engine
+                .store()
                 .queue_snapshots(&shards, 0.0, 1)
                 .await?
                 .iter()

@@ -51,9 +51,24 @@ pub enum CompressError {
     },
 }
 
+/// Most bytes of joined payloads in one zstd frame. A subsegment can be as
+/// large as a coalescing window; cutting it into frames of this size keeps
+/// every member within what the flusher's decompression limit
+/// ([`max_member_bytes`]) accepts, whatever the window bounds.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// The decompressed size a flusher accepts for one member: a frame, or one
+/// span alone when spans may be larger than a frame, or what an older build
+/// wrote (one frame per subsegment of a poll batch, `legacy_bytes`).
+pub fn max_member_bytes(max_span_bytes: usize, legacy_bytes: usize) -> usize {
+    MAX_FRAME_BYTES.max(max_span_bytes).max(legacy_bytes)
+}
+
 /// Packs payloads into set members. `level` -1: one member per payload (raw);
-/// otherwise one zstd frame (level 0 = zstd's default) of the payloads joined by
-/// `b'\x00'`. No payloads ⇒ no members (the caller must not `SADD` nothing).
+/// otherwise zstd frames (level 0 = zstd's default) of the payloads joined by
+/// `b'\x00'`, each frame at most [`MAX_FRAME_BYTES`] of joined payloads (a
+/// larger payload is a frame alone), in order. No payloads ⇒ no members (the
+/// caller must not `SADD` nothing).
 ///
 /// Payloads must not contain NUL bytes and must not be empty; a compressed
 /// member would not give them back unchanged.
@@ -67,20 +82,32 @@ pub fn encode_members<B: AsRef<[u8]>>(
     if level == LEVEL_RAW {
         return Ok(payloads.iter().map(|p| p.as_ref().to_vec()).collect());
     }
-    let joined_len = payloads.iter().map(|p| p.as_ref().len()).sum::<usize>() + payloads.len() - 1;
-    let mut joined = Vec::with_capacity(joined_len);
-    for (i, payload) in payloads.iter().enumerate() {
-        if i > 0 {
-            joined.push(SEPARATOR);
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while start < payloads.len() {
+        // Greedy: as many payloads as fit in a frame, at least one.
+        let mut end = start + 1;
+        let mut len = payloads[start].as_ref().len();
+        while end < payloads.len() && len + 1 + payloads[end].as_ref().len() <= MAX_FRAME_BYTES {
+            len += 1 + payloads[end].as_ref().len();
+            end += 1;
         }
-        joined.extend_from_slice(payload.as_ref());
+        let mut joined = Vec::with_capacity(len);
+        for (i, payload) in payloads[start..end].iter().enumerate() {
+            if i > 0 {
+                joined.push(SEPARATOR);
+            }
+            joined.extend_from_slice(payload.as_ref());
+        }
+        let mut frame =
+            compress(&joined, level).map_err(|source| CompressError::Compress { level, source })?;
+        // The buffer was sized for incompressible input; members are held until
+        // Redis acknowledges the window, so give the slack back now.
+        frame.shrink_to_fit();
+        frames.push(frame);
+        start = end;
     }
-    let mut frame =
-        compress(&joined, level).map_err(|source| CompressError::Compress { level, source })?;
-    // The buffer was sized for incompressible input; members are held until
-    // Redis acknowledges the batch, so give the slack back now.
-    frame.shrink_to_fit();
-    Ok(vec![frame])
+    Ok(frames)
 }
 
 /// Unpacks one set member onto `out`. A member starting with [`ZSTD_MAGIC`] is
@@ -323,6 +350,38 @@ mod tests {
                 assert_eq!(reused, elsewhere);
             }
         }
+    }
+
+    #[test]
+    fn a_large_subsegment_is_cut_into_frames_within_the_limit() {
+        // 40 payloads of 512 KiB: 20 MiB of joined payloads, 3 frames, and a
+        // payload larger than a frame is a frame alone.
+        let big: Vec<Vec<u8>> = (0..40)
+            .map(|i| format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(512 * 1024)).into_bytes())
+            .collect();
+        let mut input = big.clone();
+        input.insert(
+            7,
+            format!("{{\"pad\":\"{}\"}}", "y".repeat(MAX_FRAME_BYTES + 10)).into_bytes(),
+        );
+        let members = encode_members(&input, 0).unwrap();
+        assert!(members.len() >= 4, "{} frames", members.len());
+        let limit = max_member_bytes(MAX_FRAME_BYTES + 100, 0);
+        let mut out = Vec::new();
+        for member in &members {
+            let before = out.len();
+            decode_member(member, limit, &mut out).unwrap();
+            let joined: usize = out[before..].iter().map(|p| p.len() + 1).sum::<usize>() - 1;
+            assert!(
+                joined <= MAX_FRAME_BYTES || out.len() - before == 1,
+                "a frame of {joined} bytes with {} payloads",
+                out.len() - before
+            );
+        }
+        let got: Vec<&[u8]> = out.iter().map(|b| &b[..]).collect();
+        let want: Vec<&[u8]> = input.iter().map(|p| &p[..]).collect();
+        assert_eq!(got, want, "every payload, in order");
+        assert_eq!(members, encode_members(&input, 0).unwrap(), "deterministic");
     }
 
     #[test]
