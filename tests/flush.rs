@@ -45,6 +45,7 @@ both!(
     held_lock_detach_end_to_end,
     flush_of_a_merged_large_index,
     queue_gauges,
+    spans_arriving_during_a_capped_flush_are_flushed_too,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries.
@@ -887,4 +888,96 @@ async fn queue_gauges(backend: Backend) {
         text.contains("spanbuf_queue_segments{shard=\"2\"} 2"),
         "{text}"
     );
+}
+
+/// A sink that ingests one more span of the segment while delivering (as a
+/// consumer does while a flush is under way).
+struct JoiningSink {
+    inner: Collect,
+    ingestor: spanbuf::ingest::Ingestor,
+    late: TestSpan,
+    at: f64,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl Sink for JoiningSink {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+        if !self.fired.swap(true, Ordering::SeqCst) {
+            let span = spanbuf::span::decode_span(&self.late.json(), usize::MAX).expect("valid");
+            let batch = [spanbuf::ingest::ShardedSpan { shard: 0, span }];
+            let out = self
+                .ingestor
+                .ingest(&batch, self.at)
+                .await
+                .expect("late ingest");
+            assert_eq!(out.spans, 1);
+        }
+        self.inner.deliver(records).await
+    }
+}
+
+/// Issue 12 item 5: once the lifetime cap fixes a segment's deadline, spans
+/// that join it during its flush (locks off, or a lock lost) leave its queue
+/// score unchanged. The cleanup used to remove the entry because the score
+/// was unchanged, and those spans stayed in Redis unflushed until they
+/// expired. The entry now stays while the segment holds data.
+async fn spans_arriving_during_a_capped_flush_are_flushed_too(backend: Backend) {
+    let mut env = Env::start(backend, |c| {
+        c.buffer.flush_lock_ttl_secs = 0;
+        c.buffer.max_segment_lifetime_secs = 5;
+    })
+    .await;
+    let t = trace(12);
+    let (a, b, c) = (id(1), id(2), id(3));
+    env.ingest(
+        &[TestSpan::new(&t, &a, None), TestSpan::new(&t, &b, Some(&a))],
+        T0,
+    )
+    .await;
+    let seg = env.keys().segment(&spanbuf::store::Keys::pt(1, &t), &a);
+    let queue_key = env.keys().queue(0);
+    assert_eq!(
+        env.inspect.queue(&queue_key).await.get(&seg),
+        Some(&(T0 + 5.0)),
+        "the cap decides the deadline"
+    );
+    let sink = JoiningSink {
+        inner: Collect::default(),
+        ingestor: spanbuf::ingest::Ingestor::new(
+            env.store.clone(),
+            spanbuf::ingest::IngestSettings::from_config(&env.config.redis, &env.config.buffer),
+            env.metrics.clone(),
+        ),
+        late: TestSpan::new(&t, &c, Some(&b)),
+        at: T0 + 1.0,
+        fired: Default::default(),
+    };
+    let flusher = env.flusher();
+    let first = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("first cycle");
+    assert_eq!(first.spans_flushed, 2);
+    // The late span joined under the same capped deadline: the entry stays.
+    assert_eq!(
+        env.inspect.queue(&queue_key).await.get(&seg),
+        Some(&(T0 + 5.0)),
+        "the segment still holds the late span"
+    );
+    let second = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("second cycle");
+    assert_eq!(second.spans_flushed, 1, "the late span is flushed");
+    let spans = index(&sink.inner.take());
+    assert_eq!(
+        spans.keys().cloned().collect::<Vec<_>>(),
+        vec![a.clone(), b, c]
+    );
+    assert!(spans.values().all(|(seg_id, _, _)| *seg_id == a));
+    // Conservation: consumed = flushed, nothing dropped, nothing buffered.
+    assert_eq!(env.metrics.spans_consumed_total.get(), 3);
+    assert_eq!(env.metrics.spans_flushed_total.get(), 3);
+    assert_eq!(env.dropped("expired") + env.dropped("unreadable"), 0);
+    env.assert_only_redirects_left().await;
 }

@@ -303,8 +303,14 @@ impl Store {
         let mut ops = self.multi_key_ops("UNLINK", payloads);
         let mut by_queue: std::collections::BTreeMap<&str, Vec<&DoneRequest<'_>>> =
             Default::default();
-        for d in done {
-            by_queue.entry(d.shard_queue).or_default().push(d);
+        // Only a segment whose keys were deleted leaves its queue: one that
+        // still holds data (spans that arrived after the load) keeps its entry,
+        // even with the score seen at the start of the cycle (a deadline fixed
+        // by the lifetime cap does not move), so the rest is flushed too.
+        for (d, reply) in done.iter().zip(&replies) {
+            if reply.segment_deleted {
+                by_queue.entry(d.shard_queue).or_default().push(d);
+            }
         }
         for (queue, entries) in by_queue {
             let mut call = self.scripts.queue_remove.call(queue);
