@@ -223,6 +223,7 @@ impl Flusher {
         // 1. Candidates, queue gauges.
         let snapshots = self.store.queue_snapshots(shards, now, per_shard).await?;
         let mut candidates = Vec::new();
+        let mut foreign: Vec<(String, String, String)> = Vec::new();
         let mut seen = HashSet::new();
         for snap in &snapshots {
             let shard = snap.shard.to_string();
@@ -254,13 +255,21 @@ impl Flusher {
                         trace_id: seg.trace_id,
                         root: seg.root,
                     }),
-                    None => tracing::warn!(
-                        queue = %snap.queue_key,
-                        member = %segment_key,
-                        "queue member is not a segment key of this prefix; left in place"
-                    ),
+                    None => {
+                        foreign.push((snap.queue_key.clone(), segment_key.clone(), score.clone()))
+                    }
                 }
             }
+        }
+        // A member that is not a segment key of this prefix can never be
+        // flushed: left in place it would hold the flush lag up for good (and
+        // with it soft backpressure). Remove it, count it, say which.
+        if !foreign.is_empty() {
+            for (queue, member, _) in &foreign {
+                tracing::warn!(%queue, %member, "queue member is not a segment key of this prefix; removed");
+            }
+            let removed = self.store.remove_queue_entries(&foreign).await?;
+            self.metrics.queue_foreign_members_total.inc_by(removed);
         }
         if candidates.is_empty() {
             return Ok(outcome);

@@ -46,6 +46,7 @@ both!(
     flush_of_a_merged_large_index,
     queue_gauges,
     spans_arriving_during_a_capped_flush_are_flushed_too,
+    a_foreign_queue_member_is_removed_and_counted,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries.
@@ -978,6 +979,47 @@ async fn spans_arriving_during_a_capped_flush_are_flushed_too(backend: Backend) 
     // Conservation: consumed = flushed, nothing dropped, nothing buffered.
     assert_eq!(env.metrics.spans_consumed_total.get(), 3);
     assert_eq!(env.metrics.spans_flushed_total.get(), 3);
+    assert_eq!(env.dropped("expired") + env.dropped("unreadable"), 0);
+    env.assert_only_redirects_left().await;
+}
+
+/// Issue 12 item 11: a queue member that is not a segment key of this prefix
+/// (written by hand, by another tool, or a key of another prefix) was left in
+/// place: due forever, it kept the flush lag growing and with it soft
+/// backpressure on for good. It is now removed and counted.
+async fn a_foreign_queue_member_is_removed_and_counted(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(13);
+    let a = id(1);
+    env.ingest(&[TestSpan::new(&t, &a, None)], T0).await;
+    let queue_key = env.keys().queue(0);
+    for junk in ["not-a-segment", "other-prefix:s:{1:abc}:0000000000000001"] {
+        let _: i64 = env
+            .inspect
+            .query(redis::cmd("ZADD").arg(&queue_key).arg(T0).arg(junk))
+            .await;
+    }
+    let sink = Collect::default();
+    let flusher = env.flusher();
+    let first = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("first cycle");
+    assert_eq!(first.spans_flushed, 1, "the real segment is flushed");
+    assert_eq!(env.metrics.queue_foreign_members_total.get(), 2);
+    assert!(
+        env.inspect.queue(&queue_key).await.is_empty(),
+        "queue emptied"
+    );
+    let second = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("second cycle");
+    assert_eq!(second.max_lag_secs, 0.0, "no lag held up by junk");
+    assert_eq!(
+        env.metrics.spans_consumed_total.get(),
+        env.metrics.spans_flushed_total.get()
+    );
     assert_eq!(env.dropped("expired") + env.dropped("unreadable"), 0);
     env.assert_only_redirects_left().await;
 }

@@ -255,6 +255,37 @@ impl Store {
         Ok(())
     }
 
+    /// Removes queue entries `(queue key, member, score)` whose score is still
+    /// the one given (`queue_remove`, one call per queue, one round trip);
+    /// returns how many were removed.
+    pub async fn remove_queue_entries(
+        &self,
+        entries: &[(String, String, String)],
+    ) -> Result<u64, StoreError> {
+        let mut by_queue: std::collections::BTreeMap<&str, Vec<(&str, &str)>> = Default::default();
+        for (queue, member, score) in entries {
+            by_queue.entry(queue).or_default().push((member, score));
+        }
+        let ops: Vec<Op> = by_queue
+            .into_iter()
+            .map(|(queue, members)| {
+                let mut call = self.scripts.queue_remove.call(queue);
+                for (member, score) in members {
+                    call.arg(member).arg(score);
+                }
+                Op::new(queue, call)
+            })
+            .collect();
+        let replies = self.exec("remove queue entries", &ops).await?;
+        Ok(replies
+            .iter()
+            .map(|v| match v {
+                Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            })
+            .sum())
+    }
+
     /// Precise cleanup of every segment (`flush_done`, one round trip), then
     /// the unlinking of the payload sets it removed (one UNLINK for all on a
     /// standalone server, one per slot on a cluster) and the conditional queue
