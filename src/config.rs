@@ -33,6 +33,12 @@ use std::str::FromStr;
 
 /// Prefix of every variable this module reads; other names are ignored.
 const PREFIX: &str = "SPANBUF_";
+
+/// The largest `SPANBUF_REDIS_TTL_SECS`: Redis refuses an `EXPIRE` whose
+/// expiry time in milliseconds since 1970 does not fit in 63 bits (about
+/// 9.2e15 s); a round bound well inside it.
+const MAX_REDIS_TTL_SECS: u64 = 1_000_000_000_000_000;
+
 /// librdkafka property for both the consumer and the producer.
 pub const KAFKA_PROP_PREFIX: &str = "SPANBUF_KAFKA_PROP_";
 /// librdkafka property for the consumer only (overrides [`KAFKA_PROP_PREFIX`]).
@@ -124,7 +130,7 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::REDIS_TTL_SECS,
         default: "3600",
-        meaning: "TTL of every Redis key, in seconds; must exceed SPANBUF_MAX_SEGMENT_LIFETIME_SECS",
+        meaning: "TTL of every Redis key, in seconds (at most 10^15); must exceed SPANBUF_MAX_SEGMENT_LIFETIME_SECS and SPANBUF_FLUSH_LOCK_TTL_SECS",
     },
     VarDoc {
         name: var::REDIS_POOL_SIZE,
@@ -209,7 +215,7 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::FLUSH_LOCK_TTL_SECS,
         default: "30",
-        meaning: "flush lock TTL, in seconds; 0 disables locks",
+        meaning: "flush lock TTL, in seconds; 0 disables locks; below SPANBUF_REDIS_TTL_SECS",
     },
     VarDoc {
         name: var::OUTPUT_CODEC,
@@ -294,7 +300,9 @@ fn expected(name: &str) -> &'static str {
             "expected comma-separated redis:// or rediss:// URLs (e.g. redis://10.0.0.1:7000,redis://10.0.0.2:7000), or empty for standalone mode"
         }
         var::KEY_PREFIX => "expected a non-empty prefix without whitespace, { or } (e.g. span-buf)",
-        var::REDIS_TTL_SECS => "expected a whole number of seconds greater than 0 (e.g. 3600)",
+        var::REDIS_TTL_SECS => {
+            "expected a whole number of seconds from 1 to 1000000000000000 (Redis keeps expiry times in milliseconds; e.g. 3600)"
+        }
         var::REDIS_POOL_SIZE => "expected a whole number from 1 to 1024 (e.g. 16)",
         var::REDIS_TIMEOUT_MS => "expected a whole number of milliseconds greater than 0 (e.g. 5000)",
         var::KAFKA_BROKERS => "expected comma-separated bootstrap servers (e.g. 127.0.0.1:9092)",
@@ -1098,6 +1106,11 @@ impl Config {
                 r.ttl_secs, longest_timeout, b.max_segment_lifetime_secs
             ));
         }
+        if self.worker.max_redis_memory_percent == 100 {
+            warnings.push(
+                "SPANBUF_MAX_REDIS_MEMORY_PERCENT is 100: hard backpressure starts only when Redis is full, when a maxmemory-policy of noeviction already refuses writes".to_owned(),
+            );
+        }
         warnings
     }
 
@@ -1139,7 +1152,11 @@ impl Config {
                     .any(|ch| ch.is_whitespace() || ch.is_control() || ch == '{' || ch == '}'),
             &r.key_prefix,
         );
-        c.require(var::REDIS_TTL_SECS, r.ttl_secs > 0, r.ttl_secs);
+        c.require(
+            var::REDIS_TTL_SECS,
+            (1..=MAX_REDIS_TTL_SECS).contains(&r.ttl_secs),
+            r.ttl_secs,
+        );
         c.require(
             var::REDIS_POOL_SIZE,
             (1..=1024).contains(&r.pool_size),
@@ -1316,6 +1333,27 @@ impl Config {
                     format!(
                         "expected more than SPANBUF_MAX_SEGMENT_LIFETIME_SECS ({}), got {}: a segment's first spans would expire before the cap flushes it",
                         b.max_segment_lifetime_secs, r.ttl_secs
+                    ),
+                ),
+            );
+        }
+        // A lock that outlives the data: a flusher that crashed holding it
+        // keeps its segments from every other flusher until their keys expire.
+        if b.flush_lock_ttl_secs >= r.ttl_secs {
+            c.cross_either(
+                set,
+                (
+                    var::FLUSH_LOCK_TTL_SECS,
+                    format!(
+                        "expected less than SPANBUF_REDIS_TTL_SECS ({}), got {}: a crashed flusher's lock would hold its segments until their spans expire",
+                        r.ttl_secs, b.flush_lock_ttl_secs
+                    ),
+                ),
+                (
+                    var::REDIS_TTL_SECS,
+                    format!(
+                        "expected more than SPANBUF_FLUSH_LOCK_TTL_SECS ({}), got {}: a crashed flusher's lock would hold its segments until their spans expire",
+                        b.flush_lock_ttl_secs, r.ttl_secs
                     ),
                 ),
             );
@@ -1994,7 +2032,7 @@ mod tests {
             ),
             ("SPANBUF_KEY_PREFIX", "span buf", "without whitespace"),
             ("SPANBUF_KEY_PREFIX", "{sb}", "without whitespace, { or }"),
-            ("SPANBUF_REDIS_TTL_SECS", "0", "greater than 0"),
+            ("SPANBUF_REDIS_TTL_SECS", "0", "from 1 to 1000000000000000"),
             ("SPANBUF_REDIS_TTL_SECS", "-5", "whole number of seconds"),
             ("SPANBUF_REDIS_POOL_SIZE", "0", "from 1 to 1024"),
             ("SPANBUF_REDIS_POOL_SIZE", "1025", "from 1 to 1024"),
@@ -2268,17 +2306,64 @@ mod tests {
         ])
         .is_ok());
 
-        // No overflow at the extremes.
+        // No overflow at the extremes: a TTL beyond what Redis can expire is
+        // refused on its own, and the largest accepted one works.
         let max = u64::MAX.to_string();
         let found = problems(&[
             ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", max.as_str()),
             ("SPANBUF_REDIS_TTL_SECS", max.as_str()),
         ]);
-        assert_eq!(found.len(), 1);
-        assert!(parse(&[("SPANBUF_REDIS_TTL_SECS", max.as_str())])
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].var, "SPANBUF_REDIS_TTL_SECS");
+        assert!(
+            found[0].expected.contains("1000000000000000"),
+            "{}",
+            found[0]
+        );
+        let config = parse(&[
+            ("SPANBUF_REDIS_TTL_SECS", "1000000000000000"),
+            ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", max.as_str()),
+        ]);
+        assert!(config.is_err(), "the lifetime must stay below the TTL");
+        assert!(parse(&[("SPANBUF_REDIS_TTL_SECS", "1000000000000000")])
             .unwrap()
             .warnings()
             .is_empty());
+    }
+
+    #[test]
+    fn a_flush_lock_must_not_outlive_the_data() {
+        let problem = only_problem(&[("SPANBUF_FLUSH_LOCK_TTL_SECS", "3600")]);
+        assert_eq!(problem.var, "SPANBUF_FLUSH_LOCK_TTL_SECS");
+        assert!(
+            problem.expected.contains("SPANBUF_REDIS_TTL_SECS (3600)"),
+            "{problem}"
+        );
+        // Huge values no longer overflow into milliseconds: they are refused.
+        let problem = only_problem(&[("SPANBUF_FLUSH_LOCK_TTL_SECS", &u64::MAX.to_string())]);
+        assert_eq!(problem.var, "SPANBUF_FLUSH_LOCK_TTL_SECS");
+        // Only the TTL set: reported on the TTL.
+        let problem = only_problem(&[
+            ("SPANBUF_REDIS_TTL_SECS", "700"),
+            ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "100"),
+            ("SPANBUF_FLUSH_LOCK_TTL_SECS", "700"),
+        ]);
+        assert_eq!(problem.var, "SPANBUF_FLUSH_LOCK_TTL_SECS");
+        assert!(parse(&[("SPANBUF_FLUSH_LOCK_TTL_SECS", "0")]).is_ok());
+        assert!(parse(&[("SPANBUF_FLUSH_LOCK_TTL_SECS", "3599")]).is_ok());
+    }
+
+    #[test]
+    fn a_memory_limit_of_100_percent_is_accepted_with_a_warning() {
+        let config = parse(&[("SPANBUF_MAX_REDIS_MEMORY_PERCENT", "100")]).unwrap();
+        assert!(
+            config
+                .warnings()
+                .iter()
+                .any(|w| w.contains("SPANBUF_MAX_REDIS_MEMORY_PERCENT")),
+            "{:?}",
+            config.warnings()
+        );
     }
 
     #[test]
@@ -2306,8 +2391,9 @@ mod tests {
             ("SPANBUF_MAX_SEGMENT_LIFETIME_SECS", "100000"),
             ("SPANBUF_DLQ_TOPIC", "ingest-spans"),
         ] {
-            let problem = only_problem(&[(name, value)]);
-            assert_eq!(problem.var, name, "{problem}");
+            for problem in problems(&[(name, value)]) {
+                assert_eq!(problem.var, name, "{problem}");
+            }
         }
     }
 

@@ -47,6 +47,8 @@ use crate::store::{Store, StoreError};
 pub enum WorkerError {
     #[error("worker: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("worker: redis would evict buffered spans when full: {0}; set maxmemory-policy noeviction (spanbuf pauses consumption before the limit, SPANBUF_MAX_REDIS_MEMORY_PERCENT)")]
+    EvictingRedis(String),
     #[error("worker: {0}")]
     Store(#[from] StoreError),
     #[error("worker: {0}")]
@@ -100,6 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
     ));
 
     let store = Arc::new(connect_store(&config, &health, &shutdown).await?);
+    check_redis_memory(&config, &store).await?;
     let sink = Arc::new(KafkaSink::new(&config, metrics.clone())?);
     let mut topics = vec![
         config.kafka.input_topic.as_str(),
@@ -193,6 +196,37 @@ async fn drain(
         Ok(result) => result,
         Err(_) => Err(WorkerError::ShutdownTimeout(timeout)),
     }
+}
+
+/// Logs what Redis's memory settings mean for the buffer, and refuses to run
+/// on a Redis that evicts keys when full: every evicted key is a lost span,
+/// silently. No `maxmemory` is accepted (hard backpressure is then off).
+async fn check_redis_memory(config: &Config, store: &Store) -> Result<(), WorkerError> {
+    let nodes = store.memory_settings().await?;
+    let evicting: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.evicts())
+        .map(|n| {
+            format!(
+                "maxmemory {} bytes with maxmemory-policy {}",
+                n.maxmemory, n.policy
+            )
+        })
+        .collect();
+    if !evicting.is_empty() {
+        return Err(WorkerError::EvictingRedis(evicting.join("; ")));
+    }
+    for node in &nodes {
+        tracing::info!(maxmemory = node.maxmemory, policy = %node.policy, "redis memory settings");
+    }
+    if nodes.iter().any(|n| n.maxmemory == 0) {
+        tracing::warn!(
+            "redis has no maxmemory: hard backpressure (SPANBUF_MAX_REDIS_MEMORY_PERCENT) cannot engage, and Redis grows until the machine runs out of memory"
+        );
+    } else if config.worker.max_redis_memory_percent == 0 {
+        tracing::warn!("SPANBUF_MAX_REDIS_MEMORY_PERCENT is 0: hard backpressure is off");
+    }
+    Ok(())
 }
 
 /// Connects to Redis, retrying transient failures with backoff until

@@ -171,3 +171,44 @@ fn replay_of_a_missing_file_fails_with_its_name() {
         text(&out.stderr)
     );
 }
+
+/// Issue 12 item 12: `spanbuf run` on a Redis that evicts keys when full
+/// exits at once naming the setting (every evicted key is a lost span); on a
+/// Redis without `maxmemory` it says hard backpressure cannot engage.
+#[test]
+fn run_refuses_an_evicting_redis_and_warns_without_maxmemory() {
+    let evicting = support::RedisServer::start_with(&[
+        "--maxmemory",
+        "100mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]);
+    let out = spanbuf(
+        &["run"],
+        &[
+            ("SPANBUF_REDIS_URL", &evicting.url()),
+            ("SPANBUF_HTTP_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("maxmemory-policy allkeys-lru") && stderr.contains("noeviction"),
+        "{stderr}"
+    );
+
+    // No maxmemory: a warning, then the worker goes on (and here fails on the
+    // missing broker, which ends the test quickly).
+    let unlimited = support::RedisServer::start();
+    let out = spanbuf(
+        &["run"],
+        &[
+            ("SPANBUF_REDIS_URL", &unlimited.url()),
+            ("SPANBUF_HTTP_ADDR", "127.0.0.1:0"),
+            ("SPANBUF_KAFKA_BROKERS", "127.0.0.1:1"),
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("redis has no maxmemory"), "{stderr}");
+    assert!(stderr.contains("redis memory settings"), "{stderr}");
+}

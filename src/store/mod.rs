@@ -270,6 +270,20 @@ impl Store {
             .collect())
     }
 
+    /// `maxmemory` and `maxmemory_policy` of every primary, from `INFO memory`
+    /// (readable by the least-privilege user, unlike `CONFIG GET`).
+    pub async fn memory_settings(&self) -> Result<Vec<MemorySettings>, StoreError> {
+        Ok(self
+            .info("memory")
+            .await?
+            .iter()
+            .map(|t| MemorySettings {
+                maxmemory: info_field(t, "maxmemory"),
+                policy: info_text(t, "maxmemory_policy").unwrap_or_default(),
+            })
+            .collect())
+    }
+
     /// Keeps the data-loss marker (docs/design.md §6, spanbuf's own): sets it to
     /// `token` if it is missing, refreshes its TTL, and returns whether it was
     /// created now and the value it holds. One round trip.
@@ -541,6 +555,29 @@ fn value_text(value: Value) -> Option<String> {
         Value::VerbatimString { text, .. } => Some(text),
         _ => None,
     }
+}
+
+/// One primary's memory limit and eviction policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemorySettings {
+    /// Bytes; 0 = no limit.
+    pub maxmemory: u64,
+    /// e.g. `noeviction`, `allkeys-lru`.
+    pub policy: String,
+}
+
+impl MemorySettings {
+    /// Whether Redis would evict keys (buffered spans) when full.
+    pub fn evicts(&self) -> bool {
+        self.maxmemory > 0 && self.policy != "noeviction"
+    }
+}
+
+/// A text field of `INFO` text; `None` when absent.
+fn info_text(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
 }
 
 /// A numeric field of `INFO` text (`name:value` lines); 0 when absent.
