@@ -461,8 +461,20 @@ impl Flusher {
             let removed_here =
                 !reply.removed_salts.is_empty() || (seg.salts.is_empty() && reply.segment_deleted);
             if removed_here {
-                outcome.spans_dropped_expired += d.unloaded;
-                outcome.spans_dropped_unreadable += seg.unreadable + built.unparseable as u64;
+                // Each lost span counts once. Spans ingested but not loaded
+                // were in payload sets that expired or in members that could
+                // not be read: with an unreadable member, they count as
+                // unreadable (its spans are among them), else as expired.
+                // Without counters (they expired too) the spans of an
+                // unreadable member are unknown: one per member, at least.
+                match seg.ingested_spans {
+                    Some(_) if seg.unreadable > 0 => {
+                        outcome.spans_dropped_unreadable += d.unloaded;
+                    }
+                    Some(_) => outcome.spans_dropped_expired += d.unloaded,
+                    None => outcome.spans_dropped_unreadable += seg.unreadable,
+                }
+                outcome.spans_dropped_unreadable += built.unparseable as u64;
             }
         }
         outcome.records = records.len();

@@ -47,6 +47,7 @@ both!(
     queue_gauges,
     spans_arriving_during_a_capped_flush_are_flushed_too,
     a_foreign_queue_member_is_removed_and_counted,
+    an_unreadable_member_is_counted_once,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries.
@@ -1021,5 +1022,51 @@ async fn a_foreign_queue_member_is_removed_and_counted(backend: Backend) {
         env.metrics.spans_flushed_total.get()
     );
     assert_eq!(env.dropped("expired") + env.dropped("unreadable"), 0);
+    env.assert_only_redirects_left().await;
+}
+
+/// Issue 12 item 9: the spans of a payload member that cannot be read were
+/// counted twice, once as `unreadable` (per member) and again as `expired`
+/// (ingested minus loaded). Each lost span now counts once, as unreadable, and
+/// conservation holds: consumed = flushed + dropped.
+async fn an_unreadable_member_is_counted_once(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(14);
+    let root = id(1);
+    let mut spans = vec![TestSpan::new(&t, &root, None)];
+    spans.extend((2..=5).map(|n| TestSpan::new(&t, &id(n), Some(&root))));
+    env.ingest(&spans, T0).await;
+    let pt = spanbuf::store::Keys::pt(1, &t);
+    let prefix = format!("{}:s:{{{pt}:", env.config.redis.key_prefix);
+    let payload: Vec<String> = env
+        .inspect
+        .all_keys()
+        .await
+        .into_iter()
+        .filter(|k| k.starts_with(&prefix))
+        .collect();
+    assert_eq!(payload.len(), 1, "one subsegment");
+    // A zstd frame header followed by garbage: read as a frame, fails.
+    let mut corrupt = vec![0x28, 0xb5, 0x2f, 0xfd];
+    corrupt.extend_from_slice(b"not a frame at all");
+    let _: i64 = env.inspect.query(redis::cmd("DEL").arg(&payload[0])).await;
+    let _: i64 = env
+        .inspect
+        .query(redis::cmd("SADD").arg(&payload[0]).arg(corrupt))
+        .await;
+
+    let sink = Collect::default();
+    let out = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("cycle");
+    assert_eq!(out.spans_flushed, 0);
+    assert_eq!(env.dropped("unreadable"), 5, "each lost span once");
+    assert_eq!(env.dropped("expired"), 0);
+    assert_eq!(
+        env.metrics.spans_consumed_total.get(),
+        env.metrics.spans_flushed_total.get() + env.dropped("unreadable") + env.dropped("expired")
+    );
     env.assert_only_redirects_left().await;
 }
