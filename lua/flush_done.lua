@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[
 flush_done.lua: precise cleanup of a delivered segment (docs/design.md §6 step 6).
 
@@ -13,6 +14,12 @@ Purpose
   flusher delivered the same snapshot after a lock expiry) subtract nothing.
   The payload sets live in other slots: the caller unlinks the salts this
   script reports as removed.
+
+Runs at and above maxmemory
+  Flagged allow-oom (the first line): flushing is what frees memory, so the
+  lock, the cleanup and the dequeue must work when Redis refuses other writes
+  (maxmemory-policy noeviction); without the flag the lock's SET was refused
+  and nothing could ever be flushed.
 
 KEYS
   KEYS[1]  "<project_id>:<trace_id>" (pt); every key touched is in the {pt}

@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[
 flush_load.lua: lock a due segment and read its index and counters (docs/design.md §6
 steps 2–3), atomically.
@@ -9,6 +10,12 @@ Purpose
   spans must claim. Reading the index and the counters in one atomic step
   gives the flusher a consistent snapshot; cleanup later removes exactly that
   snapshot.
+
+Runs at and above maxmemory
+  Flagged allow-oom (the first line): flushing is what frees memory, so the
+  lock, the cleanup and the dequeue must work when Redis refuses other writes
+  (maxmemory-policy noeviction); without the flag the lock's SET was refused
+  and nothing could ever be flushed.
 
 KEYS
   KEYS[1]  "<project_id>:<trace_id>" (pt); every key touched is in the {pt}

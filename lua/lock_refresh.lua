@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[
 lock_refresh.lua: extend a flush lock while its holder is still delivering
 (docs/design.md §6 step 5).
@@ -9,6 +10,12 @@ Purpose
   different flush id. The holder therefore extends its locks while it waits
   for the broker; only a lock that still holds the holder's token is
   extended, so a lock lost to expiry is never taken back.
+
+Runs at and above maxmemory
+  Flagged allow-oom (the first line): flushing is what frees memory, so the
+  lock, the cleanup and the dequeue must work when Redis refuses other writes
+  (maxmemory-policy noeviction); without the flag the lock's SET was refused
+  and nothing could ever be flushed.
 
 KEYS
   KEYS[1]  "<project_id>:<trace_id>" (pt); the lock key is in the {pt} slot.

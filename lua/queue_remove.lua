@@ -1,3 +1,4 @@
+#!lua flags=allow-oom
 --[[
 queue_remove.lua: remove flushed segments from a flush queue, but only entries
 whose deadline is unchanged (docs/design.md §6 step 6).
@@ -6,6 +7,12 @@ Purpose
   A segment that received spans after the flusher read its queue entry has a
   new deadline: its entry must stay so the new spans are flushed later. Only
   entries whose score still equals the score the flusher saw are removed.
+
+Runs at and above maxmemory
+  Flagged allow-oom (the first line): flushing is what frees memory, so the
+  lock, the cleanup and the dequeue must work when Redis refuses other writes
+  (maxmemory-policy noeviction); without the flag the lock's SET was refused
+  and nothing could ever be flushed.
 
 KEYS
   KEYS[1]  the queue key P:q:<shard> (its own slot).

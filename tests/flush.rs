@@ -48,6 +48,7 @@ both!(
     spans_arriving_during_a_capped_flush_are_flushed_too,
     a_foreign_queue_member_is_removed_and_counted,
     an_unreadable_member_is_counted_once,
+    flushing_works_above_maxmemory,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries.
@@ -1068,5 +1069,87 @@ async fn an_unreadable_member_is_counted_once(backend: Backend) {
         env.metrics.spans_consumed_total.get(),
         env.metrics.spans_flushed_total.get() + env.dropped("unreadable") + env.dropped("expired")
     );
+    env.assert_only_redirects_left().await;
+}
+
+/// Issue 12 item 1: with `maxmemory-policy noeviction` and used memory over
+/// the limit, every flush failed (the lock's SET inside the script was
+/// refused as OOM), so nothing was ever freed. Flushing is what frees memory:
+/// it must work at and above the limit.
+async fn flushing_works_above_maxmemory(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let spans: Vec<TestSpan> = (0..50)
+        .flat_map(|n| {
+            let t = trace(100 + n);
+            let root = id(n * 10 + 1);
+            let child = TestSpan::new(&t, &id(n * 10 + 2), Some(&root)).filler(2000);
+            [TestSpan::new(&t, &root, None), child]
+        })
+        .collect();
+    env.ingest(&spans, T0).await;
+    // Every primary over its limit now: writes are refused.
+    let mut admins = env.inspect.node_connections();
+    for conn in admins.iter_mut() {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(conn)
+            .await
+            .expect("info memory");
+        let used = spanbuf::store::info_field(&info, "used_memory");
+        let limit = used / 2;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(limit.to_string())
+            .query_async(conn)
+            .await
+            .expect("config set maxmemory");
+    }
+    // Every node is over its limit; a standalone server refuses a write.
+    for conn in admins.iter_mut() {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(conn)
+            .await
+            .expect("info memory");
+        assert!(
+            spanbuf::store::info_field(&info, "used_memory")
+                > spanbuf::store::info_field(&info, "maxmemory"),
+            "over the limit"
+        );
+    }
+    if !env.store.is_cluster() {
+        let refused: redis::RedisResult<()> = redis::cmd("SET")
+            .arg("probe")
+            .arg("x")
+            .query_async(&mut admins[0])
+            .await;
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("OOM")),
+            "Redis refuses writes above maxmemory"
+        );
+    }
+
+    let sink = Collect::default();
+    let out = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("a flush cycle works above maxmemory");
+    assert_eq!(out.spans_flushed, 100);
+    assert_eq!(
+        env.metrics.spans_flushed_total.get(),
+        env.metrics.spans_consumed_total.get()
+    );
+    assert_eq!(env.dropped("expired") + env.dropped("unreadable"), 0);
+    for conn in admins.iter_mut() {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("0")
+            .query_async(conn)
+            .await
+            .expect("config set maxmemory 0");
+    }
     env.assert_only_redirects_left().await;
 }

@@ -334,6 +334,11 @@ impl Inspect {
         }
     }
 
+    /// A connection to each server (every primary of a cluster).
+    pub fn node_connections(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        self.nodes.clone()
+    }
+
     pub async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> T {
         let value = match &mut self.conn {
             Conn::Standalone(c) => c.req_packed_command(cmd).await,
