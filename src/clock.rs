@@ -55,6 +55,9 @@ impl LiveClock {
     /// Input with this oldest timestamp is staged: the clock moves to it (or
     /// stays at an older staged one) until [`release`](Self::release).
     pub fn hold(&self, oldest_ms: i64) {
+        // Never ahead of wall time: a producer whose clock runs fast must not
+        // make every segment fall due at once (docs/design.md §7).
+        let oldest_ms = oldest_ms.min(wall_ms());
         let held = self
             .hold_ms
             .fetch_min(oldest_ms, Ordering::Relaxed)
@@ -67,8 +70,15 @@ impl LiveClock {
     pub fn release(&self) {
         let held = self.hold_ms.swap(i64::MAX, Ordering::Relaxed);
         if held != i64::MAX {
-            self.drift_ms.store(held - wall_ms(), Ordering::Relaxed);
+            self.drift_ms
+                .store((held - wall_ms()).min(0), Ordering::Relaxed);
         }
+    }
+
+    /// The clock a window whose oldest input timestamp is `oldest_ms` is
+    /// written at: that timestamp, but never ahead of wall time.
+    pub fn window_clock(oldest_ms: i64) -> f64 {
+        oldest_ms.min(wall_ms()) as f64 / 1000.0
     }
 }
 
@@ -125,6 +135,25 @@ mod tests {
         assert!(now < staged_ms as f64 / 1000.0 + 0.025, "{now}");
         std::thread::sleep(Duration::from_millis(30));
         assert!(clock.now() >= now + 0.025);
+    }
+
+    #[test]
+    fn the_live_clock_is_never_ahead_of_wall_time() {
+        let clock = LiveClock::default();
+        let future_ms = wall_ms() + 2 * 3600 * 1000;
+        clock.hold(future_ms);
+        assert!(
+            clock.now() <= wall_secs() + 0.001,
+            "held at most at wall time"
+        );
+        clock.release();
+        assert!(
+            clock.now() <= wall_secs() + 0.001,
+            "carried on from wall time"
+        );
+        assert!(LiveClock::window_clock(future_ms) <= wall_secs() + 0.001);
+        let past_ms = wall_ms() - 60_000;
+        assert_eq!(LiveClock::window_clock(past_ms), past_ms as f64 / 1000.0);
     }
 
     #[test]

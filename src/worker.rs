@@ -551,7 +551,7 @@ async fn write_window(
         shared.clock.release();
         return Ok(());
     }
-    let now = window.oldest_ms().unwrap_or_else(wall_ms) as f64 / 1000.0;
+    let now = LiveClock::window_clock(window.oldest_ms().unwrap_or_else(wall_ms));
     shared
         .metrics
         .window_spans

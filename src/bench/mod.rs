@@ -356,7 +356,9 @@ async fn write(
     out: &mut Ingested,
 ) -> Result<(), BenchError> {
     if let Some(oldest) = window.oldest_ms() {
-        let outcome = engine.write(window.spans(), oldest as f64 / 1000.0).await?;
+        let outcome = engine
+            .write(window.spans(), LiveClock::window_clock(oldest))
+            .await?;
         out.duplicates += outcome.spans_redelivered as u64;
     }
     window.clear();
