@@ -8,6 +8,7 @@
 mod e2e;
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -68,19 +69,26 @@ fn consumed(worker: &Worker) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[test]
-fn offsets_are_committed_only_after_the_window_is_in_redis_and_sigterm_writes_it() {
+/// Servers, the 800 spans of `spans(0)` produced, and a worker whose held
+/// window has staged all of them; with the span id → segment id expected.
+fn staged() -> (RedisServer, Broker, Worker, BTreeMap<String, String>) {
     let redis = RedisServer::start();
     let broker = Broker::start();
     topics(&broker);
     let (lines, expected) = spans(0);
     produce(&broker, &lines);
-    let mut first = Worker::start_with(&broker, &held_window(&redis));
+    let worker = Worker::start_with(&broker, &held_window(&redis));
     wait_for(
         "the window to stage all spans",
         Duration::from_secs(60),
-        || consumed(&first) == 800.0,
+        || consumed(&worker) == 800.0,
     );
+    (redis, broker, worker, expected)
+}
+
+#[test]
+fn offsets_are_committed_only_after_the_window_is_in_redis_and_sigterm_writes_it() {
+    let (redis, broker, mut first, expected) = staged();
     // Staged, not written: nothing in Redis, nothing committed.
     assert_eq!(first.metric("spanbuf_spans_consumed_total"), Some(0.0));
     assert_eq!(buffered_keys(&redis), Vec::<String>::new());
@@ -106,17 +114,7 @@ fn offsets_are_committed_only_after_the_window_is_in_redis_and_sigterm_writes_it
 
 #[test]
 fn sigkill_with_a_window_staged_loses_nothing() {
-    let redis = RedisServer::start();
-    let broker = Broker::start();
-    topics(&broker);
-    let (lines, expected) = spans(0);
-    produce(&broker, &lines);
-    let mut first = Worker::start_with(&broker, &held_window(&redis));
-    wait_for(
-        "the window to stage all spans",
-        Duration::from_secs(60),
-        || consumed(&first) == 800.0,
-    );
+    let (redis, broker, mut first, expected) = staged();
     first.kill();
     assert_eq!(committed(&broker), 0, "a staged window is never committed");
     assert_eq!(buffered_keys(&redis), Vec::<String>::new());
