@@ -28,8 +28,8 @@ ARGV
   4  lock TTL in milliseconds; 0 = locks disabled
 
 Returns a flat array
-  [1] 1 if locked (or locks are off), 0 if another flusher holds the lock
-      (nothing else follows)
+  [1] 1 if locked (or locks are off, or the lock already held our token),
+      0 if another flusher holds the lock (nothing else follows)
   [2] ingested span count (ic), -1 when absent
   [3] ingested byte count (ibc), -1 when absent
   [4] segment id the spans claim: the root, or for a detached segment the
@@ -49,9 +49,15 @@ local segment_key = prefix .. ":s:" .. tag .. ":" .. root
 local function meta_key(kind) return prefix .. ":" .. kind .. ":" .. segment_key end
 
 if lock_ttl_ms > 0 then
-    local got = redis.call("SET", meta_key("fl"), token, "NX", "PX", lock_ttl_ms)
+    local lock_key = meta_key("fl")
+    local got = redis.call("SET", lock_key, token, "NX", "PX", lock_ttl_ms)
     if not got then
-        return { 0 }
+        -- Our own lock, kept from a cycle whose delivery failed: take it
+        -- again (a fresh TTL) and deliver the same snapshot.
+        if redis.call("GET", lock_key) ~= token then
+            return { 0 }
+        end
+        redis.call("PEXPIRE", lock_key, lock_ttl_ms)
     end
 end
 

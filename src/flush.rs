@@ -17,9 +17,9 @@ use bytes::Bytes;
 use crate::config::Config;
 use crate::fault;
 use crate::metrics::Metrics;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, Undelivered};
 use crate::span::compress::decode_member;
-use crate::span::record::{build_records, FlushedSegment, SegmentPayloads};
+use crate::span::record::{build_records, BuiltSegment, FlushedSegment, SegmentPayloads};
 use crate::store::{DeliveredSalt, DoneRequest, Keys, LoadRequest, Loaded, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,8 @@ impl FlushSettings {
         Self {
             max_flush_segments: config.buffer.max_flush_segments,
             lock_ttl_ms: config.buffer.flush_lock_ttl_secs * 1000,
-            max_segment_bytes: usize::try_from(config.buffer.max_segment_bytes)
+            // Within the output's message limit when the operator lowered it.
+            max_segment_bytes: usize::try_from(crate::kafka::producer::record_chunk_bytes(config))
                 .unwrap_or(usize::MAX),
             page_size: config.buffer.segment_page_size,
             max_member_bytes: crate::span::compress::max_member_bytes(
@@ -83,6 +84,14 @@ pub struct CycleOutcome {
     pub spans_duplicate: usize,
     pub spans_dropped_expired: u64,
     pub spans_dropped_unreadable: u64,
+    /// Spans of records the sink can never deliver (too large, not
+    /// encodable), by drop reason; their segments were cleaned up.
+    pub spans_dropped_rejected: Vec<(&'static str, u64)>,
+    /// Records the sink could not deliver now; their segments stay buffered
+    /// (and locked by this flusher until the next cycle takes them again).
+    pub records_undelivered: usize,
+    /// The first delivery failure of the cycle, for the log.
+    pub delivery_error: Option<String>,
     /// Redis round trips of the cycle.
     pub round_trips: u64,
     /// The largest flush lag over the shards (now minus the oldest overdue
@@ -91,6 +100,30 @@ pub struct CycleOutcome {
     /// Per flushed segment: the time its records were delivered minus its
     /// queue deadline, seconds (negative only if clocks disagree).
     pub lateness_secs: Vec<f64>,
+}
+
+impl CycleOutcome {
+    /// Spans counted as dropped by this cycle, every reason.
+    pub fn spans_dropped(&self) -> u64 {
+        self.spans_dropped_expired
+            + self.spans_dropped_unreadable
+            + self
+                .spans_dropped_rejected
+                .iter()
+                .map(|(_, n)| n)
+                .sum::<u64>()
+    }
+
+    fn add_rejected(&mut self, reason: &'static str, spans: u64) {
+        match self
+            .spans_dropped_rejected
+            .iter_mut()
+            .find(|(r, _)| *r == reason)
+        {
+            Some((_, n)) => *n += spans,
+            None => self.spans_dropped_rejected.push((reason, spans)),
+        }
+    }
 }
 
 /// One due segment as the cycle carries it from load to cleanup.
@@ -103,6 +136,10 @@ struct Candidate {
     trace_id: String,
     root: String,
 }
+
+/// A locked segment's snapshot: candidate index, `ic`, segment id, sorted
+/// salts.
+type Snapshot = (usize, Option<u64>, String, Vec<String>);
 
 /// A loaded segment, ready to build.
 struct LoadedSegment {
@@ -200,6 +237,94 @@ impl Flusher {
                 }
             }
         }
+    }
+
+    /// Steps 3–4: every payload set of the locked snapshots, decompressed,
+    /// then the records of each segment (in segment order; each segment's
+    /// records are contiguous, `chunks` of them).
+    async fn load_and_build(
+        &self,
+        candidates: &[Candidate],
+        snapshots: Vec<Snapshot>,
+    ) -> Result<
+        (
+            Vec<LoadedSegment>,
+            Vec<FlushedSegment>,
+            Vec<(BuiltSegment, usize)>,
+        ),
+        FlushError,
+    > {
+        let sets: Vec<(String, String)> = snapshots
+            .iter()
+            .flat_map(|(i, _, _, salts)| {
+                salts.iter().map(|s| (candidates[*i].pt.clone(), s.clone()))
+            })
+            .collect();
+        let mut contents = self
+            .store
+            .load_payload_sets(&sets, self.settings.page_size)
+            .await?
+            .into_iter();
+
+        let mut segments = Vec::with_capacity(snapshots.len());
+        for (candidate, ingested_spans, segment_id, salts) in snapshots {
+            let mut seg = LoadedSegment {
+                candidate,
+                segment_id,
+                ingested_spans,
+                salts: Vec::with_capacity(salts.len()),
+                payloads: Vec::new(),
+                unreadable: 0,
+            };
+            for salt in salts {
+                let before = seg.payloads.len();
+                for member in contents.next().flatten().unwrap_or_default() {
+                    if let Err(err) =
+                        decode_member(&member, self.settings.max_member_bytes, &mut seg.payloads)
+                    {
+                        tracing::warn!(segment = %candidates[candidate].segment_key, %salt, error = %err, "unreadable payload member");
+                        seg.unreadable += 1;
+                    }
+                }
+                let got = &seg.payloads[before..];
+                seg.salts.push(DeliveredSalt {
+                    salt,
+                    spans: got.len() as u64,
+                    bytes: got.iter().map(|p| p.len() as u64).sum(),
+                });
+            }
+            segments.push(seg);
+        }
+
+        if !segments.is_empty() {
+            fault::hit(fault::Point::AfterLoad);
+        }
+
+        // 4. Records.
+        let mut records: Vec<FlushedSegment> = Vec::new();
+        let mut built_segments = Vec::with_capacity(segments.len());
+        for seg in &segments {
+            let c = &candidates[seg.candidate];
+            let mut seed = c.segment_key.clone().into_bytes();
+            for salt in &seg.salts {
+                seed.push(b'\n');
+                seed.extend_from_slice(salt.salt.as_bytes());
+            }
+            let mut built = build_records(
+                &SegmentPayloads {
+                    segment_id: &seg.segment_id,
+                    project_id: c.project_id,
+                    trace_id: &c.trace_id,
+                    payloads: &seg.payloads,
+                    flush_seed: &seed,
+                },
+                self.settings.max_segment_bytes,
+            );
+            let chunks = built.records.len();
+            records.append(&mut built.records);
+            built_segments.push((built, chunks));
+        }
+        Ok((segments, records, built_segments))
     }
 
     async fn cycle<S: Sink>(
@@ -305,115 +430,89 @@ impl Flusher {
         self.metrics
             .flush_lock_contention_total
             .inc_by(outcome.contended as u64);
-        let sets: Vec<(String, String)> = snapshots
+        // Everything from here to the delivery runs under the locks, which
+        // are extended every third of their TTL (a large cycle's load and
+        // build count as much as a slow broker).
+        let held: Vec<LoadRequest<'_>> = snapshots
             .iter()
-            .flat_map(|(i, _, _, salts)| {
-                salts.iter().map(|s| (candidates[*i].pt.clone(), s.clone()))
+            .map(|(i, ..)| LoadRequest {
+                pt: candidates[*i].pt.clone(),
+                root: &candidates[*i].root,
             })
             .collect();
-        let mut contents = self
-            .store
-            .load_payload_sets(&sets, self.settings.page_size)
-            .await?
-            .into_iter();
-
-        let mut segments = Vec::with_capacity(snapshots.len());
-        for (candidate, ingested_spans, segment_id, salts) in snapshots {
-            let mut seg = LoadedSegment {
-                candidate,
-                segment_id,
-                ingested_spans,
-                salts: Vec::with_capacity(salts.len()),
-                payloads: Vec::new(),
-                unreadable: 0,
-            };
-            for salt in salts {
-                let before = seg.payloads.len();
-                for member in contents.next().flatten().unwrap_or_default() {
-                    if let Err(err) =
-                        decode_member(&member, self.settings.max_member_bytes, &mut seg.payloads)
-                    {
-                        tracing::warn!(segment = %candidates[candidate].segment_key, %salt, error = %err, "unreadable payload member");
-                        seg.unreadable += 1;
-                    }
-                }
-                let got = &seg.payloads[before..];
-                seg.salts.push(DeliveredSalt {
-                    salt,
-                    spans: got.len() as u64,
-                    bytes: got.iter().map(|p| p.len() as u64).sum(),
-                });
-            }
-            segments.push(seg);
-        }
-
-        if !segments.is_empty() {
-            fault::hit(fault::Point::AfterLoad);
-        }
-
-        // 4. Records.
-        let mut records: Vec<FlushedSegment> = Vec::new();
-        let mut built_segments = Vec::with_capacity(segments.len());
-        for seg in &segments {
-            let c = &candidates[seg.candidate];
-            let mut seed = c.segment_key.clone().into_bytes();
-            for salt in &seg.salts {
-                seed.push(b'\n');
-                seed.extend_from_slice(salt.salt.as_bytes());
-            }
-            let mut built = build_records(
-                &SegmentPayloads {
-                    segment_id: &seg.segment_id,
-                    project_id: c.project_id,
-                    trace_id: &c.trace_id,
-                    payloads: &seg.payloads,
-                    flush_seed: &seed,
-                },
-                self.settings.max_segment_bytes,
-            );
-            let chunks = built.records.len();
-            records.append(&mut built.records);
-            built_segments.push((built, chunks));
-        }
-
-        // 5. Deliver; on failure nothing is cleaned up, locks are released so
-        // a later cycle can retry at once.
-        if !records.is_empty() {
-            let held: Vec<LoadRequest<'_>> = segments
-                .iter()
-                .map(|s| LoadRequest {
-                    pt: candidates[s.candidate].pt.clone(),
-                    root: &candidates[s.candidate].root,
-                })
-                .collect();
-            let delivery = async {
+        let staged = async {
+            let (segments, records, built_segments) =
+                self.load_and_build(&candidates, snapshots).await?;
+            // 5. Deliver. A failed delivery cleans nothing up and keeps the
+            // locks: this flusher takes them again next cycle (same token),
+            // and meanwhile new spans of those segments detach
+            // (docs/design.md §5), so the retry delivers the same snapshot
+            // under the same flush ids.
+            let delivery = if records.is_empty() {
+                Delivery::complete()
+            } else {
                 if let Some(delay) = fault::deliver_delay() {
                     tokio::time::sleep(delay).await;
                 }
-                sink.deliver(&records).await
+                sink.deliver(&records)
+                    .await
+                    .map_err(|source| FlushError::Sink {
+                        records: records.len(),
+                        source,
+                    })?
             };
-            let delivered = self.refreshing_locks(&held, delivery).await;
-            if let Err(source) = delivered {
-                if let Err(err) = self.store.release_locks(&held, &self.token).await {
-                    tracing::warn!(error = %err, "releasing flush locks after a failed delivery; they expire by TTL");
-                }
-                return Err(FlushError::Sink {
-                    records: records.len(),
-                    source,
-                });
-            }
-        }
+            Ok::<_, FlushError>((segments, records, built_segments, delivery))
+        };
+        let (segments, records, built_segments, delivery) =
+            self.refreshing_locks(&held, staged).await?;
 
         let delivered_at = now + started.elapsed().as_secs_f64();
         if !records.is_empty() {
             fault::hit(fault::Point::AfterDeliver);
         }
 
+        // Per segment: all its records out (or never deliverable) → cleanup;
+        // one that may go out later → it stays buffered, whole.
+        let mut fates: Vec<Option<&Undelivered>> = vec![None; records.len()];
+        for (i, why) in &delivery.undelivered {
+            if let Some(fate) = fates.get_mut(*i) {
+                *fate = Some(why);
+            }
+        }
+        outcome.delivery_error = delivery.first_error().map(str::to_owned);
+        let mut finished = Vec::with_capacity(segments.len());
+        let mut first_record = 0;
+        for (seg, (built, chunks)) in segments.iter().zip(&built_segments) {
+            let range = first_record..first_record + chunks;
+            first_record = range.end;
+            let retry = fates[range.clone()]
+                .iter()
+                .any(|f| matches!(f, Some(Undelivered::Retry(_))));
+            if retry {
+                outcome.records_undelivered += fates[range].iter().filter(|f| f.is_some()).count();
+                continue;
+            }
+            let mut rejected = Vec::new();
+            for (record, fate) in records[range.clone()].iter().zip(&fates[range]) {
+                if let Some(Undelivered::Rejected { reason, detail }) = fate {
+                    tracing::error!(segment = %candidates[seg.candidate].segment_key, spans = record.span_count(), %reason, error = %detail,
+                        "record can never be delivered; its spans are dropped and counted");
+                    rejected.push((*reason, record.span_count() as u64));
+                }
+            }
+            finished.push((seg, built, *chunks, rejected));
+        }
+        if outcome.records_undelivered > 0 {
+            self.metrics
+                .flush_failures_total
+                .with_label_values(&["sink"])
+                .inc();
+        }
+
         // 6. Precise cleanup of what was delivered.
-        let done: Vec<DoneRequest<'_>> = segments
+        let done: Vec<DoneRequest<'_>> = finished
             .iter()
-            .zip(&built_segments)
-            .map(|(seg, (built, _))| {
+            .map(|(seg, built, _, _)| {
                 let c = &candidates[seg.candidate];
                 let loaded = seg.payloads.len() as u64;
                 DoneRequest {
@@ -438,13 +537,12 @@ impl Flusher {
 
         // Accounting: loss is counted by the cleanup that removed the data.
         let mut chunked = 0u64;
-        for ((seg, (built, chunks)), (d, reply)) in segments
-            .iter()
-            .zip(&built_segments)
-            .zip(done.iter().zip(&replies))
+        for ((seg, built, chunks, rejected), (d, reply)) in
+            finished.iter().zip(done.iter().zip(&replies))
         {
             chunked += u64::from(*chunks > 1);
-            outcome.spans_flushed += built.spans;
+            let rejected_spans: u64 = rejected.iter().map(|(_, n)| n).sum();
+            outcome.spans_flushed += built.spans - rejected_spans as usize;
             outcome.spans_duplicate += built.duplicates;
             if seg.salts.is_empty() {
                 outcome.segments_empty += 1;
@@ -475,9 +573,12 @@ impl Flusher {
                     None => outcome.spans_dropped_unreadable += seg.unreadable,
                 }
                 outcome.spans_dropped_unreadable += built.unparseable as u64;
+                for (reason, spans) in rejected {
+                    outcome.add_rejected(reason, *spans);
+                }
             }
         }
-        outcome.records = records.len();
+        outcome.records = records.len() - delivery.undelivered.len();
         self.metrics.segments_chunked_total.inc_by(chunked);
         let m = &self.metrics;
         m.records_flushed_total.inc_by(outcome.records as u64);
@@ -493,6 +594,11 @@ impl Flusher {
         m.spans_dropped_total
             .with_label_values(&["unreadable"])
             .inc_by(outcome.spans_dropped_unreadable);
+        for (reason, spans) in &outcome.spans_dropped_rejected {
+            m.spans_dropped_total
+                .with_label_values(&[reason])
+                .inc_by(*spans);
+        }
         Ok(outcome)
     }
 }

@@ -35,7 +35,7 @@ pub struct Metrics {
     pub spans_flushed_total: IntCounter,
     /// Duplicate spans (same span id in one segment) removed at flush.
     pub spans_duplicate_total: IntCounter,
-    /// Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data).
+    /// Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record the broker can never accept, unencodable = not encodable with the output codec).
     pub spans_dropped_total: IntCounterVec,
     /// Segments delivered and cleaned up.
     pub segments_flushed_total: IntCounter,
@@ -179,7 +179,7 @@ fn histogram(
 pub const BACKPRESSURE_REASONS: [&str; 3] = ["flush_lag", "redis_memory", "redis_down"];
 
 /// The closed `reason` set of `spanbuf_spans_dropped_total`.
-pub const DROP_REASONS: [&str; 2] = ["expired", "unreadable"];
+pub const DROP_REASONS: [&str; 4] = ["expired", "unreadable", "too_large", "unencodable"];
 
 /// Spans per window: 1 … 1,000,000.
 fn window_buckets() -> Vec<f64> {
@@ -218,7 +218,7 @@ impl Metrics {
             ingest_batch_duration_seconds: histogram(&r, "spanbuf_ingest_batch_duration_seconds", "Time to write one batch to Redis (grouping, compression, insert, queue update).", latency_buckets())?,
             spans_flushed_total: counter(&r, "spanbuf_spans_flushed_total", "Spans in delivered records.")?,
             spans_duplicate_total: counter(&r, "spanbuf_spans_duplicate_total", "Duplicate spans (same span id in one segment) removed at flush.")?,
-            spans_dropped_total: counter_vec(&r, "spanbuf_spans_dropped_total", "Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data).", "reason")?,
+            spans_dropped_total: counter_vec(&r, "spanbuf_spans_dropped_total", "Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record the broker can never accept, unencodable = not encodable with the output codec).", "reason")?,
             segments_flushed_total: counter(&r, "spanbuf_segments_flushed_total", "Segments delivered and cleaned up.")?,
             segments_empty_total: counter(&r, "spanbuf_segments_empty_total", "Due queue entries with no data behind them (stale entries), cleaned up.")?,
             segments_chunked_total: counter(&r, "spanbuf_segments_chunked_total", "Segments delivered in several chunks because they exceeded the size limit.")?,

@@ -74,7 +74,7 @@ impl ReplaySummary {
         self.records_out += cycle.records as u64;
         self.spans_out += cycle.spans_flushed as u64;
         self.spans_duplicate += cycle.spans_duplicate as u64;
-        self.spans_dropped += cycle.spans_dropped_expired + cycle.spans_dropped_unreadable;
+        self.spans_dropped += cycle.spans_dropped();
     }
 }
 

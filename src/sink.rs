@@ -2,9 +2,12 @@
 //! used by `spanbuf replay`.
 //!
 //! A sink returns only once its records are durably handed off (written and
-//! flushed for a file; acknowledged by the broker for Kafka). The flusher
-//! cleans up Redis only after that. A sink must not retry forever: it returns
-//! an error, the segments stay buffered and a later cycle delivers them.
+//! flushed for a file; acknowledged by the broker for Kafka), and says, per
+//! record, what did not go out and whether a retry can help
+//! ([`Undelivered`]). The flusher cleans up Redis only for segments whose
+//! records all went out (or can never go out: counted as dropped). A sink
+//! must not retry forever: the segments of a record that may go out later
+//! stay buffered and a later cycle delivers them.
 
 use std::future::Future;
 use std::io::Write;
@@ -23,13 +26,67 @@ pub enum SinkError {
     Delivery(String),
 }
 
+/// Why one record of a delivery did not go out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Undelivered {
+    /// May go out later (broker down, timeout, queue full): its segment stays
+    /// buffered.
+    Retry(String),
+    /// Can never go out as it is (larger than the broker accepts, not
+    /// encodable): its spans count as dropped with `reason` (one of
+    /// [`crate::metrics::DROP_REASONS`]) and its segment is cleaned up, so it
+    /// cannot hold back the others for good.
+    Rejected {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// What became of the records of one [`Sink::deliver`] call: every record not
+/// listed was handed off.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delivery {
+    /// `(index into the records, why)`, in index order.
+    pub undelivered: Vec<(usize, Undelivered)>,
+}
+
+impl Delivery {
+    /// Every record went out.
+    pub fn complete() -> Delivery {
+        Delivery::default()
+    }
+
+    /// Every record failed the same retryable way.
+    pub fn all_retry(records: usize, why: &str) -> Delivery {
+        Delivery {
+            undelivered: (0..records)
+                .map(|i| (i, Undelivered::Retry(why.to_owned())))
+                .collect(),
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.undelivered.is_empty()
+    }
+
+    /// The first failure's text, for a log line.
+    pub fn first_error(&self) -> Option<&str> {
+        self.undelivered.first().map(|(_, u)| match u {
+            Undelivered::Retry(why) => why.as_str(),
+            Undelivered::Rejected { detail, .. } => detail.as_str(),
+        })
+    }
+}
+
 /// Receives the records of a flush cycle and confirms their delivery.
 pub trait Sink: Send + Sync {
-    /// Delivers every record, in order; `Ok` means all of them are handed off.
+    /// Delivers every record, in order. `Ok` lists the records that did not go
+    /// out; `Err` means none of them is known to have gone out (e.g. the file
+    /// could not be written).
     fn deliver(
         &self,
         records: &[FlushedSegment],
-    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    ) -> impl Future<Output = Result<Delivery, SinkError>> + Send;
 }
 
 /// Writes one JSON record per line to a file or stdout.
@@ -55,7 +112,7 @@ impl NdjsonSink {
 }
 
 impl Sink for NdjsonSink {
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         let mut buf = Vec::new();
         for record in records {
             buf.extend_from_slice(&record.to_json()?);
@@ -68,6 +125,6 @@ impl Sink for NdjsonSink {
         })?;
         out.write_all(&buf)?;
         out.flush()?;
-        Ok(())
+        Ok(Delivery::complete())
     }
 }

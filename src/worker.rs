@@ -112,6 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Work
         topics.push(dlq);
     }
     sink.check_topics(&topics, Duration::from_secs(10)).await?;
+    sink.check_output_limit(Duration::from_secs(10)).await?;
     health.set_kafka_ok(true);
 
     let consumer = Arc::new(InputConsumer::new(&config)?);
@@ -699,14 +700,29 @@ async fn flush_loop(
         {
             Ok(cycle) => {
                 shared.health.progress("flush");
+                // Also when deliveries failed: a broker outage grows the lag,
+                // and soft backpressure then keeps the data in Kafka.
                 shared
                     .flush_lag_ms
                     .store((cycle.max_lag_secs * 1000.0) as u64, Ordering::Relaxed);
-                backoff = BACKOFF_START;
-                if cycle.more_due {
-                    Duration::ZERO
+                if cycle.records_undelivered > 0 {
+                    shared.sink.check_fatal()?;
+                    tracing::warn!(
+                        records = cycle.records_undelivered,
+                        error = cycle.delivery_error.as_deref().unwrap_or(""),
+                        retry_in = ?backoff,
+                        "delivery failed; those segments stay buffered (and locked by this worker) for the retry"
+                    );
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    wait
                 } else {
-                    interval
+                    backoff = BACKOFF_START;
+                    if cycle.more_due {
+                        Duration::ZERO
+                    } else {
+                        interval
+                    }
                 }
             }
             Err(err) => {

@@ -542,3 +542,65 @@ fn slow_delivery_keeps_its_locks() {
         w.stop_cleanly();
     }
 }
+
+/// Issue 12 item 2: a record the producer can never deliver (a span larger
+/// than the output's message limit allows) used to fail the whole delivery of
+/// its cycle, and every later cycle picked the same oldest candidates and
+/// failed again, for good. Now that record's span is dropped and counted
+/// (`too_large`), and everything else — the rest of its segment included —
+/// is delivered. The output limit is lowered the way an operator matches a
+/// topic's `max.message.bytes`: records are chunked to fit it.
+#[test]
+fn a_record_too_large_for_the_output_is_counted_and_the_rest_delivered() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "2".into()),
+            ("SPANBUF_MAX_SPAN_BYTES", "400000".into()),
+            (
+                "SPANBUF_KAFKA_PRODUCER_PROP_MESSAGE_MAX_BYTES",
+                "200000".into(),
+            ),
+        ],
+    );
+    let (mut lines, mut expected) = spans(0);
+    // One more segment: a root, three small children and one child of
+    // 300 kB, more than a 200 kB record can hold.
+    let trace = format!("{:032x}", 0xdead_0000u64);
+    let id = |n: u64| format!("{:016x}", 0xdead_0000_0000u64 + n);
+    for n in 0..5u64 {
+        let mut span = serde_json::json!({"trace_id": trace, "span_id": id(n),
+            "parent_span_id": if n == 0 { Value::Null } else { id(0).into() },
+            "project_id": 1, "start_timestamp": 1.0, "end_timestamp": 2.0});
+        if n == 4 {
+            span["description"] = "x".repeat(300_000).into();
+        } else {
+            expected.insert(id(n), id(0));
+        }
+        lines.push((trace.clone(), serde_json::to_vec(&span).expect("json")));
+    }
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, Some(&redis));
+    assert_eq!(
+        worker.metric("spanbuf_spans_dropped_total{reason=\"too_large\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        worker.metric("spanbuf_produce_errors_total{kind=\"too_large\"}"),
+        Some(1.0),
+        "tried once, not again and again"
+    );
+    let report = audit(&broker, &redis, &[&lines], &worker);
+    assert_eq!(report["missing"], 1, "only the oversized span: {report}");
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["wrong_root"], 0, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    assert_eq!(report["conservation"]["dropped"], 1, "{report}");
+    let stderr = worker.stop_cleanly();
+    assert!(stderr.contains("record can never be delivered"), "{stderr}");
+}

@@ -23,7 +23,7 @@ use common::both;
 use common::*;
 use spanbuf::flush::{FlushSettings, Flusher};
 use spanbuf::replay::{self, ReplayOptions, ReplaySummary};
-use spanbuf::sink::{Sink, SinkError};
+use spanbuf::sink::{Delivery, Sink, SinkError, Undelivered};
 use spanbuf::span::FlushedSegment;
 
 const T0: f64 = 1_700_000_000.0;
@@ -49,13 +49,22 @@ both!(
     a_foreign_queue_member_is_removed_and_counted,
     an_unreadable_member_is_counted_once,
     flushing_works_above_maxmemory,
+    a_record_that_can_never_be_delivered_does_not_hold_back_the_others,
+    a_partial_delivery_is_resent_under_the_same_flush_ids,
 );
 
-/// Collects delivered records; fails the first `fail_first` deliveries.
+/// Collects delivered records; fails the first `fail_first` deliveries
+/// (retryable, every record), delivers only the first `partial` records of
+/// the next one and reports every record after those as retryable (with
+/// `reports_lost`, the records went out all the same: delivery reports that
+/// timed out), and rejects for good every record of trace `reject`.
 #[derive(Default)]
 struct Collect {
     records: Mutex<Vec<FlushedSegment>>,
     fail_first: AtomicUsize,
+    partial: Mutex<Option<usize>>,
+    reports_lost: bool,
+    reject: Option<String>,
 }
 
 impl Collect {
@@ -72,19 +81,41 @@ impl Collect {
 }
 
 impl Sink for Collect {
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         if self
             .fail_first
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            return Err(SinkError::Delivery("broker unavailable (test)".into()));
+            return Ok(Delivery::all_retry(
+                records.len(),
+                "broker unavailable (test)",
+            ));
         }
-        self.records
-            .lock()
-            .expect("lock")
-            .extend_from_slice(records);
-        Ok(())
+        let partial = self.partial.lock().expect("lock").take();
+        let mut delivery = Delivery::complete();
+        let mut out = self.records.lock().expect("lock");
+        for (i, record) in records.iter().enumerate() {
+            if self.reject.as_deref() == Some(record.trace_id.as_str()) {
+                delivery.undelivered.push((
+                    i,
+                    Undelivered::Rejected {
+                        reason: "too_large",
+                        detail: "record too large (test)".into(),
+                    },
+                ));
+            } else if partial.is_some_and(|n| i >= n) {
+                delivery
+                    .undelivered
+                    .push((i, Undelivered::Retry("timed out (test)".into())));
+                if self.reports_lost {
+                    out.push(record.clone());
+                }
+            } else {
+                out.push(record.clone());
+            }
+        }
+        Ok(delivery)
     }
 }
 
@@ -297,14 +328,28 @@ async fn failing_sink_keeps_everything(backend: Backend) {
     let flusher = env.flusher();
     let keys_before = env.inspect.all_keys().await;
     let sink = Collect::failing(2);
+    let seg = env.keys().segment(&spanbuf::store::Keys::pt(1, &t), &id(1));
+    let lock = env.keys().flush_lock(&seg);
     for _ in 0..2 {
-        let err = flusher.flush_cycle(&[0], T0 + 100.0, &sink).await;
-        assert!(err.is_err(), "delivery fails");
+        let out = flusher
+            .flush_cycle(&[0], T0 + 100.0, &sink)
+            .await
+            .expect("a failed delivery is an outcome, not an error");
+        assert_eq!((out.records, out.records_undelivered), (0, 1));
         assert_eq!(
-            env.inspect.all_keys().await,
-            keys_before,
-            "nothing deleted, lock released"
+            out.delivery_error.as_deref(),
+            Some("broker unavailable (test)")
         );
+        let mut keys = env.inspect.all_keys().await;
+        assert!(keys.remove(&lock), "our lock is kept for the retry");
+        assert_eq!(keys, keys_before, "nothing deleted");
+        // Another flusher stays off the segment while ours retries it.
+        let other = env
+            .flusher()
+            .flush_cycle(&[0], T0 + 100.0, &Collect::default())
+            .await
+            .expect("other flusher");
+        assert_eq!((other.contended, other.records), (1, 0));
     }
     assert_eq!(
         env.metrics
@@ -506,7 +551,7 @@ struct ExpiringLockSink {
 }
 
 impl Sink for ExpiringLockSink {
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         if !self.fired.swap(true, Ordering::SeqCst) {
             let mut inspect = self.inspect.lock().await;
             assert!(
@@ -904,7 +949,7 @@ struct JoiningSink {
 }
 
 impl Sink for JoiningSink {
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         if !self.fired.swap(true, Ordering::SeqCst) {
             let span = spanbuf::span::decode_span(&self.late.json(), usize::MAX).expect("valid");
             let batch = [spanbuf::ingest::ShardedSpan { shard: 0, span }];
@@ -1151,5 +1196,123 @@ async fn flushing_works_above_maxmemory(backend: Backend) {
             .await
             .expect("config set maxmemory 0");
     }
+    env.assert_only_redirects_left().await;
+}
+
+/// Issue 12 item 2: one record the sink can never deliver (too large for the
+/// broker) used to fail the whole delivery, every cycle, for good: the same
+/// oldest candidates were picked again and failed again. Now the other
+/// segments of the cycle are delivered and cleaned up, and the rejected one
+/// is counted as dropped (`too_large`) and cleaned up too.
+async fn a_record_that_can_never_be_delivered_does_not_hold_back_the_others(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let (bad, good) = (trace(21), trace(22));
+    let mut spans = Vec::new();
+    for t in [&bad, &good] {
+        spans.push(TestSpan::new(t, &id(1), None));
+        for n in 2..=5 {
+            spans.push(TestSpan::new(t, &id(n), Some(&id(1))));
+        }
+    }
+    env.ingest(&spans, T0).await;
+    let sink = Collect {
+        reject: Some(bad.clone()),
+        ..Collect::default()
+    };
+    let out = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("cycle");
+    assert_eq!(
+        (out.segments_flushed, out.records, out.records_undelivered),
+        (2, 1, 0)
+    );
+    assert_eq!(out.spans_flushed, 5);
+    assert_eq!(out.spans_dropped_rejected, vec![("too_large", 5)]);
+    let records = sink.take();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].trace_id, good);
+    // Conservation: 10 in = 5 flushed + 5 dropped, nothing left buffered.
+    assert_eq!(env.dropped("too_large"), 5);
+    assert_eq!(env.metrics.spans_flushed_total.get(), 5);
+    assert_eq!(env.metrics.spans_consumed_total.get(), 10);
+    assert_drained(&mut env).await;
+}
+
+/// Issue 12 item 8: a delivery that failed (here: the broker took the
+/// record, but its delivery report timed out) used to release the locks at
+/// once; a span joining before the retry changed the segment's snapshot,
+/// and the record that had gone out was sent again, with the newcomer, under
+/// a new flush id: its spans delivered twice under different ids. Now the
+/// flusher keeps its locks, the joining span detaches (the lock is held),
+/// and the retry resends the same record with the same flush id; the late
+/// span comes as a record of its own under the same segment id. A chunked
+/// segment's newcomers detach by size anyway.
+async fn a_partial_delivery_is_resent_under_the_same_flush_ids(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(23);
+    let mut spans = vec![TestSpan::new(&t, &id(1), None)];
+    for n in 2..=8 {
+        spans.push(TestSpan::new(&t, &id(n), Some(&id(1))));
+    }
+    env.ingest(&spans, T0).await;
+    let sink = Collect {
+        reports_lost: true,
+        ..Collect::default()
+    };
+    *sink.partial.lock().expect("lock") = Some(0);
+    let flusher = env.flusher();
+    let first = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("first cycle");
+    assert_eq!((first.records, first.records_undelivered), (0, 1));
+    assert_eq!(first.segments_flushed, 0);
+    let partial = sink.take();
+    assert_eq!(partial.len(), 1, "the record reached the broker");
+
+    // A child arrives before the retry.
+    let late = env
+        .ingest(&[TestSpan::new(&t, &id(9), Some(&id(2)))], T0 + 1.0)
+        .await;
+    assert_eq!(
+        late.detached_locked, 1,
+        "the held lock detaches the newcomer"
+    );
+
+    let second = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("retry");
+    assert_eq!(
+        (second.records_undelivered, second.segments_flushed),
+        (0, 2)
+    );
+    let mut all = partial.clone();
+    all.extend(sink.take());
+    // Every span under root 1; a span delivered twice only with one flush id.
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for r in &all {
+        assert_eq!(r.segment_id, id(1));
+        for raw in &r.spans {
+            let v: Value = serde_json::from_str(raw.get()).expect("span");
+            let span = v["span_id"].as_str().expect("span_id").to_owned();
+            if let Some(prev) = seen.insert(span.clone(), r.flush_id.clone()) {
+                assert_eq!(
+                    prev, r.flush_id,
+                    "span {span} resent under another flush id"
+                );
+            }
+        }
+    }
+    assert_eq!(seen.len(), 9, "every span delivered");
+    let resent = all[1..]
+        .iter()
+        .filter(|r| r.flush_id == partial[0].flush_id)
+        .count();
+    assert_eq!(resent, 1, "the record that went out came again, same id");
+    assert_eq!(env.dropped("expired"), 0);
+    assert_eq!(env.metrics.spans_consumed_total.get(), 9);
     env.assert_only_redirects_left().await;
 }

@@ -22,7 +22,7 @@ use spanbuf::config::{Config, OutputCodec};
 use spanbuf::kafka::producer::{KafkaSink, HEADER_FLUSH_ID, HEADER_SPAN_COUNT};
 use spanbuf::kafka::KafkaError;
 use spanbuf::metrics::Metrics;
-use spanbuf::sink::{Sink, SinkError};
+use spanbuf::sink::{Sink, Undelivered};
 use spanbuf::span::record::{build_records, from_json, from_msgpack};
 use spanbuf::span::{FlushedSegment, SegmentPayloads};
 use support::Broker;
@@ -214,7 +214,8 @@ async fn json_records_round_trip_with_key_headers_and_zstd() {
     // Larger than librdkafka's default message.max.bytes (1 MB).
     records.extend(segment(200, 3, 700_000, max));
 
-    sink.deliver(&records).await.expect("records are delivered");
+    let delivery = sink.deliver(&records).await.expect("delivery");
+    assert!(delivery.is_complete(), "{delivery:?}");
     let encoded: u64 = records
         .iter()
         .map(|r| r.to_json().expect("encodes").len() as u64)
@@ -234,7 +235,11 @@ async fn json_records_round_trip_with_key_headers_and_zstd() {
     );
 
     // Empty calls are free; shutdown flush has nothing left to wait for.
-    sink.deliver(&[]).await.expect("nothing to deliver");
+    assert!(sink
+        .deliver(&[])
+        .await
+        .expect("nothing to deliver")
+        .is_complete());
     sink.flush(TIMEOUT).await.expect("producer flushes");
     sink.check_fatal()
         .expect("no fatal error with idempotence on");
@@ -252,7 +257,8 @@ async fn msgpack_records_round_trip() {
     let records: Vec<FlushedSegment> = (1..=5)
         .flat_map(|trace| segment(trace, 4, 20, 10 * 1024 * 1024))
         .collect();
-    sink.deliver(&records).await.expect("records are delivered");
+    let delivery = sink.deliver(&records).await.expect("delivery");
+    assert!(delivery.is_complete(), "{delivery:?}");
     assert_eq!(metrics.records_produced_total.get(), records.len() as u64);
     let encoded: u64 = records
         .iter()
@@ -307,20 +313,30 @@ async fn delivery_to_a_stopped_broker_fails_within_the_message_timeout() {
         message_timeout.as_millis().to_string(),
     );
     let (sink, metrics) = sink(&config);
-    sink.deliver(&segment(1, 2, 10, 1 << 20))
+    assert!(sink
+        .deliver(&segment(1, 2, 10, 1 << 20))
         .await
-        .expect("delivered while the broker is up");
+        .expect("delivered while the broker is up")
+        .is_complete());
     assert_eq!(metrics.records_produced_total.get(), 1);
 
     drop(broker);
     let records: Vec<FlushedSegment> = (2..=4).flat_map(|t| segment(t, 2, 10, 1 << 20)).collect();
     // The deadline guards against a hang; it is not a speed assertion.
-    let result = tokio::time::timeout(TIMEOUT, sink.deliver(&records))
+    let delivery = tokio::time::timeout(TIMEOUT, sink.deliver(&records))
         .await
-        .expect("deliver returns within the deadline");
-    let Err(SinkError::Delivery(text)) = result else {
-        panic!("expected a delivery error, got {result:?}");
-    };
+        .expect("deliver returns within the deadline")
+        .expect("an outcome per record");
+    let indices: Vec<usize> = delivery.undelivered.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    assert!(
+        delivery
+            .undelivered
+            .iter()
+            .all(|(_, u)| matches!(u, Undelivered::Retry(_))),
+        "a stopped broker may come back: {delivery:?}"
+    );
+    let text = delivery.first_error().expect("an error");
     assert!(
         text.starts_with("3 of 3 records to kafka topic buffered-segments were not delivered (delivery=3); first error: producing a message to kafka topic buffered-segments failed: "),
         "{text}"
@@ -341,7 +357,7 @@ async fn delivery_to_a_stopped_broker_fails_within_the_message_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_record_above_message_max_bytes_fails_as_too_large_and_the_rest_is_delivered() {
+async fn a_record_above_message_max_bytes_is_rejected_for_good_and_the_rest_is_delivered() {
     let broker = Broker::start();
     let topic = "buffered-segments";
     broker.create_topic(topic, 1);
@@ -354,11 +370,12 @@ async fn a_record_above_message_max_bytes_fails_as_too_large_and_the_rest_is_del
     // Hand-made: far beyond what chunking at 1 KiB can build.
     let mut huge = segment(2, 1, 200_000, usize::MAX);
     records.append(&mut huge);
-    let err = sink
-        .deliver(&records)
-        .await
-        .expect_err("an oversized record fails the call");
-    let text = err.to_string();
+    let delivery = sink.deliver(&records).await.expect("an outcome per record");
+    let [(1, Undelivered::Rejected { reason, detail })] = delivery.undelivered.as_slice() else {
+        panic!("only the oversized record, rejected for good: {delivery:?}");
+    };
+    assert_eq!(*reason, "too_large");
+    let text = detail.clone();
     assert!(text.contains("1 of 2 records"), "{text}");
     assert!(text.contains("(too_large=1)"), "{text}");
     assert!(text.contains("exceeds message.max.bytes"), "{text}");

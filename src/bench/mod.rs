@@ -40,7 +40,7 @@ use crate::ingest::{IngestError, ShardedSpan};
 use crate::kafka::producer::KafkaSink;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError};
 use crate::span::record::FlushedSegment;
 use crate::store::{Store, StoreError};
 
@@ -403,7 +403,7 @@ async fn flush_loop(
         out.segments += cycle.segments_flushed as u64;
         out.spans += cycle.spans_flushed as u64;
         out.duplicates += cycle.spans_duplicate as u64;
-        out.dropped += cycle.spans_dropped_expired + cycle.spans_dropped_unreadable;
+        out.dropped += cycle.spans_dropped();
         out.records += cycle.records as u64;
         out.lateness.extend_from_slice(&cycle.lateness_secs);
         if cycle.more_due {
@@ -448,7 +448,7 @@ impl BenchSink {
 }
 
 impl Sink for BenchSink {
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         match self {
             BenchSink::Discard(d) => d.deliver(records).await,
             BenchSink::Kafka(k) => k.deliver(records).await,
@@ -473,13 +473,13 @@ impl DiscardSink {
 }
 
 impl Sink for DiscardSink {
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         let mut bytes = 0u64;
         for record in records {
             bytes += record.encode(self.codec)?.len() as u64;
         }
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok(())
+        Ok(Delivery::complete())
     }
 }
 

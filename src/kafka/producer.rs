@@ -5,10 +5,11 @@
 //! Owns the producer's librdkafka settings ([`producer_config`]): zstd,
 //! `acks=all`, idempotence, and a `message.max.bytes` large enough for every
 //! record chunking can build. A delivery counts only once the broker
-//! acknowledged it; a failed record fails the whole call, so the flusher
-//! leaves the segments buffered and delivers them again later — the records
-//! that did get through are then duplicates with the same `flush_id`, which
-//! downstream drops.
+//! acknowledged it; each record that did not go out is reported with whether
+//! it ever can (too large, not encodable: never), so the flusher keeps the
+//! segments of retryable ones buffered — their records that did get through
+//! go out again with the same `flush_id`, which downstream drops — and counts
+//! the others as dropped instead of retrying them forever.
 //!
 //! Must not retry a failed delivery itself (librdkafka already retries
 //! within `message.timeout.ms`), log what it returns as an error (the caller
@@ -31,7 +32,7 @@ use tokio::time::error::Elapsed;
 use super::{client_config, KafkaError};
 use crate::config::{Config, OutputCodec};
 use crate::metrics::Metrics;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Delivery, Sink, SinkError, Undelivered};
 use crate::span::record::FlushedSegment;
 
 /// `client.id` of the producer, shown in broker logs and quotas.
@@ -102,6 +103,44 @@ pub fn message_max_bytes(max_chunk_bytes: u64, codec: OutputCodec) -> u64 {
         .min(LIBRDKAFKA_MAX_MESSAGE_BYTES)
 }
 
+/// The most serialized span bytes a record chunk may hold so that its record
+/// stays within `message_max_bytes`: the inverse of [`message_max_bytes`]
+/// (0 when the limit leaves no room beyond the envelope).
+pub fn chunk_bytes(message_max_bytes: u64, codec: OutputCodec) -> u64 {
+    let room = message_max_bytes.saturating_sub(ENVELOPE_HEADROOM_BYTES);
+    match codec {
+        OutputCodec::Json => room.saturating_mul(64) / 65,
+        OutputCodec::Msgpack => room.saturating_mul(4) / 9,
+    }
+}
+
+/// The operator's `message.max.bytes` for the producer, if one was given
+/// (`SPANBUF_KAFKA_PRODUCER_PROP_MESSAGE_MAX_BYTES` or the common prefix).
+fn configured_message_max_bytes(config: &Config) -> Option<u64> {
+    config
+        .kafka
+        .producer_properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+}
+
+/// The chunk size flushed records are built with: `SPANBUF_MAX_SEGMENT_BYTES`,
+/// or less when the operator lowered the producer's `message.max.bytes` (to
+/// match an output topic with a smaller `max.message.bytes`), so that every
+/// chunk fits; only a single span larger than that can then not be
+/// delivered (counted as dropped, `too_large`).
+pub fn record_chunk_bytes(config: &Config) -> u64 {
+    let segment = config.buffer.max_segment_bytes;
+    match configured_message_max_bytes(config) {
+        Some(limit) => segment.min(chunk_bytes(limit, config.buffer.output_codec).max(1)),
+        None => segment,
+    }
+}
+
+/// The smallest `message.max.bytes` accepted: the envelope and a chunk of at
+/// least this many span bytes.
+const MIN_CHUNK_BYTES: u64 = 1024;
+
 /// A default spanbuf sets unless a passthrough property names it (under any
 /// of its librdkafka aliases, since two aliases set at once would race).
 struct Setting {
@@ -117,12 +156,17 @@ struct Setting {
 /// producers; duplicates are still recognisable by `flush_id`),
 /// `linger.ms=10`, `queue.buffering.max.messages=100000`,
 /// `message.timeout.ms=30000`, `client.id=spanbuf-flusher`, and
-/// `message.max.bytes` = [`message_max_bytes`] (only upwards).
+/// `message.max.bytes` = [`message_max_bytes`] (lower it to the output
+/// topic's `max.message.bytes` if that is smaller: records are then chunked
+/// to fit).
 ///
 /// Refused, because they would break "delivered = acknowledged by every
-/// in-sync replica": `acks` (or `request.required.acks`) other than
-/// `all`/`-1`, `message.max.bytes` below what chunking needs, and
-/// `transactional.id` (spanbuf does not run transactions).
+/// in-sync replica" or cannot work: `acks` (or `request.required.acks`)
+/// other than `all`/`-1`, `message.max.bytes` without room for a 1 KiB chunk
+/// beside the envelope, and `transactional.id` (spanbuf does not run
+/// transactions). A `message.max.bytes` below what a full
+/// `SPANBUF_MAX_SEGMENT_BYTES` chunk needs is accepted: records are chunked
+/// smaller ([`record_chunk_bytes`]).
 pub fn producer_config(config: &Config) -> Result<ClientConfig, KafkaError> {
     let properties = &config.kafka.producer_properties;
     // A chunk holds at most max_segment_bytes of spans, or one span alone when
@@ -132,7 +176,8 @@ pub fn producer_config(config: &Config) -> Result<ClientConfig, KafkaError> {
         .max_segment_bytes
         .max(config.buffer.max_span_bytes);
     let max_bytes = message_max_bytes(largest_chunk, config.buffer.output_codec);
-    check_properties(properties, max_bytes)?;
+    let min_bytes = message_max_bytes(MIN_CHUNK_BYTES, config.buffer.output_codec);
+    check_properties(properties, min_bytes)?;
 
     let defaults = [
         Setting {
@@ -207,7 +252,7 @@ fn check_properties(
                 return refuse(
                     property,
                     value,
-                    "it must be at least what a record of SPANBUF_MAX_SEGMENT_BYTES needs; lower SPANBUF_MAX_SEGMENT_BYTES instead",
+                    "it leaves no room for spans beside a record's envelope (64 KiB); a record needs at least 66 KiB",
                 );
             }
             "transactional.id" => {
@@ -237,6 +282,8 @@ fn int_property(client: &ClientConfig, names: &[&str], fallback: u64) -> u64 {
 /// to any topic, through one idempotent, zstd-compressing producer.
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// The producer's configuration, for an admin client at start.
+    client: ClientConfig,
     topic: String,
     brokers: String,
     codec: OutputCodec,
@@ -278,12 +325,27 @@ impl KafkaSink {
             &["message.timeout.ms", "delivery.timeout.ms"],
             LIBRDKAFKA_DEFAULT_MESSAGE_TIMEOUT_MS,
         ));
+        let needed = message_max_bytes(
+            config
+                .buffer
+                .max_segment_bytes
+                .max(config.buffer.max_span_bytes),
+            config.buffer.output_codec,
+        );
+        if max_message_bytes < needed {
+            tracing::warn!(
+                message_max_bytes = max_message_bytes,
+                chunk_bytes = record_chunk_bytes(config),
+                "the producer's message.max.bytes is below what records of SPANBUF_MAX_SEGMENT_BYTES and SPANBUF_MAX_SPAN_BYTES need: segments are chunked smaller, and a span larger than a chunk cannot be delivered (dropped, counted as too_large); lower SPANBUF_MAX_SPAN_BYTES to dead-letter such spans instead"
+            );
+        }
         let producer: FutureProducer = client.create().map_err(|source| KafkaError::Client {
             operation: "create the producer",
             source,
         })?;
         Ok(KafkaSink {
             producer,
+            client,
             topic: config.kafka.output_topic.clone(),
             brokers: config.kafka.brokers.clone(),
             codec: config.buffer.output_codec,
@@ -339,6 +401,66 @@ impl KafkaSink {
                 problems,
             })
         }
+    }
+
+    /// Fails when the output topic's `max.message.bytes` (as the broker
+    /// describes it) is below the largest record this producer builds: those
+    /// records would be refused for good, every one a dropped segment. A
+    /// broker that does not describe topic configurations (tansu) passes;
+    /// the limit is then learned per record (`too_large`).
+    pub async fn check_output_limit(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let Some(limit) = self.output_topic_limit(timeout).await else {
+            return Ok(());
+        };
+        tracing::info!(topic = %self.topic, max_message_bytes = limit, records_up_to = self.max_message_bytes, "output topic's message limit");
+        if limit >= self.max_message_bytes {
+            return Ok(());
+        }
+        Err(KafkaError::Topics {
+            brokers: self.brokers.clone(),
+            problems: vec![format!(
+                "topic {} accepts records up to {limit} bytes (max.message.bytes), but spanbuf builds records up to {} bytes: set SPANBUF_KAFKA_PRODUCER_PROP_MESSAGE_MAX_BYTES={limit} (records are then chunked to fit) or raise the topic's max.message.bytes",
+                self.topic, self.max_message_bytes
+            )],
+        })
+    }
+
+    /// The output topic's `max.message.bytes`, when the broker tells.
+    async fn output_topic_limit(&self, timeout: Duration) -> Option<u64> {
+        use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> = match self.client.create() {
+            Ok(admin) => admin,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot create an admin client to read the output topic's message limit");
+                return None;
+            }
+        };
+        let options = AdminOptions::new().request_timeout(Some(timeout));
+        let described = tokio::time::timeout(
+            timeout + DELIVERY_REPORT_GRACE,
+            admin.describe_configs(&[ResourceSpecifier::Topic(&self.topic)], &options),
+        )
+        .await;
+        let limit = match described {
+            Ok(Ok(results)) => results.into_iter().find_map(|r| {
+                r.ok()?
+                    .get("max.message.bytes")?
+                    .value
+                    .as_deref()?
+                    .parse::<u64>()
+                    .ok()
+            }),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "the broker did not describe the output topic");
+                None
+            }
+            Err(_) => None,
+        };
+        if limit.is_none() {
+            tracing::info!(topic = %self.topic, "the broker does not report the output topic's max.message.bytes; records larger than it accepts are counted as dropped (too_large)");
+        }
+        limit
     }
 
     /// Produces one message and waits for the broker's acknowledgement, e.g.
@@ -443,20 +565,21 @@ impl KafkaSink {
 impl Sink for KafkaSink {
     /// Enqueues the records in order (so records of one trace keep their
     /// order in its partition), at most [`MAX_IN_FLIGHT`] awaiting their
-    /// acknowledgement at a time, and awaits every one of them. Any failure
-    /// fails the call, after all deliveries have settled.
-    async fn deliver(&self, records: &[FlushedSegment]) -> Result<(), SinkError> {
+    /// acknowledgement at a time, and awaits every one of them. Reports each
+    /// record that did not go out: too large or not encodable can never go
+    /// out ([`Undelivered::Rejected`]); anything else may later.
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Delivery::complete());
         }
         let report_timeout = self.message_timeout + DELIVERY_REPORT_GRACE;
         let mut tally = Tally::new(report_timeout);
         let mut pending = FuturesUnordered::new();
-        for record in records {
+        for (index, record) in records.iter().enumerate() {
             let payload = match self.encode(record) {
                 Ok(payload) => payload,
                 Err(failure) => {
-                    tally.fail(failure);
+                    tally.fail(index, failure);
                     continue;
                 }
             };
@@ -481,7 +604,7 @@ impl Sink for KafkaSink {
                         let bytes = payload.len() as u64;
                         // The deadline starts now, at enqueue, not at first poll.
                         let bounded = tokio::time::timeout(report_timeout, delivery);
-                        pending.push(async move { (bounded.await, bytes) });
+                        pending.push(async move { (index, bounded.await, bytes) });
                         break;
                     }
                     Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
@@ -491,25 +614,25 @@ impl Sink for KafkaSink {
                         // Our own deliveries free the queue as they settle;
                         // without any, someone else holds it: back off.
                         match pending.next().await {
-                            Some((result, bytes)) => tally.settle(result, bytes, &self.topic),
+                            Some((i, result, bytes)) => tally.settle(i, result, bytes, &self.topic),
                             None => tokio::time::sleep(QUEUE_FULL_BACKOFF).await,
                         }
                     }
                     Err((error, _)) => {
                         tally.note(&error);
-                        tally.fail(Failure::from_kafka(&error, &self.topic));
+                        tally.fail(index, Failure::from_kafka(&error, &self.topic));
                         break;
                     }
                 }
             }
             while pending.len() >= MAX_IN_FLIGHT {
-                if let Some((result, bytes)) = pending.next().await {
-                    tally.settle(result, bytes, &self.topic);
+                if let Some((i, result, bytes)) = pending.next().await {
+                    tally.settle(i, result, bytes, &self.topic);
                 }
             }
         }
-        while let Some((result, bytes)) = pending.next().await {
-            tally.settle(result, bytes, &self.topic);
+        while let Some((i, result, bytes)) = pending.next().await {
+            tally.settle(i, result, bytes, &self.topic);
         }
         if let Some(code) = tally.unrecoverable {
             *self
@@ -529,20 +652,31 @@ impl Sink for KafkaSink {
                     .inc_by(count);
             }
         }
-        let Some(first) = &tally.first_error else {
-            return Ok(());
-        };
-        let failed: u64 = tally.failed.iter().sum();
+        if tally.undelivered.is_empty() {
+            return Ok(Delivery::complete());
+        }
+        let failed = tally.undelivered.len();
         let fatal = match self.check_fatal() {
             Ok(()) => String::new(),
             Err(e) => format!("; {}", error_chain(&e)),
         };
-        Err(SinkError::Delivery(format!(
-            "{failed} of {} records to kafka topic {} were not delivered ({}); first error: {first}{fatal}",
+        // The first failure carries the summary, for the flusher's log line.
+        let summary = format!(
+            "{failed} of {} records to kafka topic {} were not delivered ({}); first error: ",
             records.len(),
             self.topic,
             tally.by_kind(),
-        )))
+        );
+        tally.undelivered.sort_by_key(|(i, _)| *i);
+        let mut undelivered = tally.undelivered;
+        if let Some((_, first)) = undelivered.first_mut() {
+            match first {
+                Undelivered::Retry(text) | Undelivered::Rejected { detail: text, .. } => {
+                    *text = format!("{summary}{text}{fatal}");
+                }
+            }
+        }
+        Ok(Delivery { undelivered })
     }
 }
 
@@ -581,6 +715,22 @@ struct Failure {
 }
 
 impl Failure {
+    /// What the flusher makes of it: too large or not encodable can never go
+    /// out; anything else may, later.
+    fn undelivered(self) -> Undelivered {
+        match self.kind {
+            FailureKind::Delivery => Undelivered::Retry(self.message),
+            FailureKind::TooLarge => Undelivered::Rejected {
+                reason: "too_large",
+                detail: self.message,
+            },
+            FailureKind::Encode => Undelivered::Rejected {
+                reason: "unencodable",
+                detail: self.message,
+            },
+        }
+    }
+
     fn from_kafka(error: &RdKafkaError, topic: &str) -> Failure {
         let kind = match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageSizeTooLarge) => FailureKind::TooLarge,
@@ -605,7 +755,8 @@ struct Tally {
     bytes: u64,
     /// Indexed by `FailureKind as usize`.
     failed: [u64; 3],
-    first_error: Option<String>,
+    /// Records that did not go out, in the order they settled.
+    undelivered: Vec<(usize, Undelivered)>,
     /// An error code no retry of this producer can fix, if one was seen.
     unrecoverable: Option<RDKafkaErrorCode>,
 }
@@ -620,7 +771,7 @@ impl Tally {
             delivered: 0,
             bytes: 0,
             failed: [0; 3],
-            first_error: None,
+            undelivered: Vec::new(),
             unrecoverable: None,
         }
     }
@@ -631,12 +782,12 @@ impl Tally {
         }
     }
 
-    fn fail(&mut self, failure: Failure) {
+    fn fail(&mut self, index: usize, failure: Failure) {
         self.failed[failure.kind as usize] += 1;
-        self.first_error.get_or_insert(failure.message);
+        self.undelivered.push((index, failure.undelivered()));
     }
 
-    fn settle(&mut self, result: Settled, bytes: u64, topic: &str) {
+    fn settle(&mut self, index: usize, result: Settled, bytes: u64, topic: &str) {
         match result {
             Ok(Ok(Ok(_))) => {
                 self.delivered += 1;
@@ -644,30 +795,36 @@ impl Tally {
             }
             Ok(Ok(Err((error, _)))) => {
                 self.note(&error);
-                self.fail(Failure::from_kafka(&error, topic));
+                self.fail(index, Failure::from_kafka(&error, topic));
             }
             Err(_) => {
                 let timed_out = KafkaError::Produce {
                     topic: topic.to_owned(),
                     source: RdKafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
                 };
-                self.fail(Failure {
+                self.fail(
+                    index,
+                    Failure {
                     kind: FailureKind::Delivery,
                     message: format!(
                         "{}: no delivery report within {:?}",
                         error_chain(&timed_out),
                         self.report_timeout
                     ),
-                });
+                },
+                );
             }
             // librdkafka dropped the delivery report: only when the producer
             // is torn down, which cannot happen while `self` holds it.
-            Ok(Err(_)) => self.fail(Failure {
-                kind: FailureKind::Delivery,
-                message: format!(
-                    "producing a message to kafka topic {topic} failed: the delivery report was lost"
-                ),
-            }),
+            Ok(Err(_)) => self.fail(
+                index,
+                Failure {
+                    kind: FailureKind::Delivery,
+                    message: format!(
+                        "producing a message to kafka topic {topic} failed: the delivery report was lost"
+                    ),
+                },
+            ),
         }
     }
 
@@ -735,6 +892,40 @@ mod tests {
     }
 
     #[test]
+    fn a_lower_message_limit_chunks_records_to_fit() {
+        for codec in [OutputCodec::Json, OutputCodec::Msgpack] {
+            for limit in [66_560u64, 100_000, 1_000_000, 10_000_000, 900_000_000] {
+                let chunk = chunk_bytes(limit, codec);
+                assert!(chunk > 0, "{limit}");
+                assert!(
+                    message_max_bytes(chunk, codec) <= limit,
+                    "{codec:?} {limit}"
+                );
+                assert!(
+                    message_max_bytes(chunk + 100, codec) > limit,
+                    "{codec:?} {limit}"
+                );
+            }
+        }
+        let mut config = config_with(&[]);
+        assert_eq!(record_chunk_bytes(&config), 10 * 1024 * 1024);
+        let mut config_1mb = config_with(&[("message.max.bytes", "1000000")]);
+        assert_eq!(
+            record_chunk_bytes(&config_1mb),
+            chunk_bytes(1_000_000, OutputCodec::Json)
+        );
+        config_1mb.buffer.max_segment_bytes = 4096;
+        assert_eq!(
+            record_chunk_bytes(&config_1mb),
+            4096,
+            "the smaller limit wins"
+        );
+        config.buffer.output_codec = OutputCodec::Msgpack;
+        assert_eq!(record_chunk_bytes(&config), 10 * 1024 * 1024);
+        assert!(producer_config(&config_with(&[("message.max.bytes", "1000000")])).is_ok());
+    }
+
+    #[test]
     fn defaults_are_set_and_passthrough_overrides_them() {
         let client = producer_config(&config_with(&[])).unwrap();
         for (name, value) in [
@@ -775,7 +966,7 @@ mod tests {
         for (name, value, needle) in [
             ("acks", "1", "acks=all"),
             ("request.required.acks", "0", "acks=all"),
-            ("message.max.bytes", "1000000", "SPANBUF_MAX_SEGMENT_BYTES"),
+            ("message.max.bytes", "60000", "envelope"),
             ("transactional.id", "x", "transactions"),
         ] {
             let err = producer_config(&config_with(&[(name, value)])).unwrap_err();
@@ -818,12 +1009,16 @@ mod tests {
             .await
             .unwrap_err();
         let mut tally = Tally::new(Duration::from_secs(7));
-        tally.settle(Err(elapsed), 10, "out");
-        tally.settle(Ok(Err(Canceled)), 10, "out");
+        tally.settle(3, Err(elapsed), 10, "out");
+        tally.settle(5, Ok(Err(Canceled)), 10, "out");
         assert_eq!((tally.delivered, tally.bytes), (0, 0));
         assert_eq!(tally.failed, [2, 0, 0]);
         assert_eq!(tally.by_kind(), "delivery=2");
-        let first = tally.first_error.unwrap();
+        let indices: Vec<usize> = tally.undelivered.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, [3, 5]);
+        let Some((_, Undelivered::Retry(first))) = tally.undelivered.first().cloned() else {
+            panic!("a timeout may succeed later: {:?}", tally.undelivered);
+        };
         assert!(
             first.starts_with("producing a message to kafka topic out failed: "),
             "{first}"
