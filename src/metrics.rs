@@ -35,7 +35,7 @@ pub struct Metrics {
     pub spans_flushed_total: IntCounter,
     /// Duplicate spans (same span id in one segment) removed at flush.
     pub spans_duplicate_total: IntCounter,
-    /// Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record the broker can never accept, unencodable = not encodable with the output codec).
+    /// Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record larger than the output accepts, unencodable = not encodable with the output codec).
     pub spans_dropped_total: IntCounterVec,
     /// Segments delivered and cleaned up.
     pub segments_flushed_total: IntCounter,
@@ -71,10 +71,12 @@ pub struct Metrics {
     pub records_produced_total: IntCounter,
     /// Bytes of records acknowledged by the broker.
     pub produced_bytes_total: IntCounter,
-    /// Records the broker refused or that timed out, by kind (delivery, encode, too_large).
+    /// Records the broker refused or that timed out, by kind (delivery, encode, too_large, invalid).
     pub produce_errors_total: IntCounterVec,
     /// Invalid spans forwarded to the dead-letter topic.
     pub dlq_records_total: IntCounter,
+    /// Invalid spans not forwarded to the dead-letter topic, by reason (too_large = beyond its message limit, rejected = refused by the broker as invalid, gave_up = retried for the producer's message timeout).
+    pub dlq_records_dropped_total: IntCounterVec,
     /// Kafka input messages consumed (valid or not).
     pub messages_consumed_total: IntCounter,
     /// Offset commits, by outcome (ok, error).
@@ -218,7 +220,7 @@ impl Metrics {
             ingest_batch_duration_seconds: histogram(&r, "spanbuf_ingest_batch_duration_seconds", "Time to write one batch to Redis (grouping, compression, insert, queue update).", latency_buckets())?,
             spans_flushed_total: counter(&r, "spanbuf_spans_flushed_total", "Spans in delivered records.")?,
             spans_duplicate_total: counter(&r, "spanbuf_spans_duplicate_total", "Duplicate spans (same span id in one segment) removed at flush.")?,
-            spans_dropped_total: counter_vec(&r, "spanbuf_spans_dropped_total", "Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record the broker can never accept, unencodable = not encodable with the output codec).", "reason")?,
+            spans_dropped_total: counter_vec(&r, "spanbuf_spans_dropped_total", "Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record larger than the output accepts, unencodable = not encodable with the output codec).", "reason")?,
             segments_flushed_total: counter(&r, "spanbuf_segments_flushed_total", "Segments delivered and cleaned up.")?,
             segments_empty_total: counter(&r, "spanbuf_segments_empty_total", "Due queue entries with no data behind them (stale entries), cleaned up.")?,
             segments_chunked_total: counter(&r, "spanbuf_segments_chunked_total", "Segments delivered in several chunks because they exceeded the size limit.")?,
@@ -236,8 +238,9 @@ impl Metrics {
             redis_data_loss_total: counter(&r, "spanbuf_redis_data_loss_total", "Times this process found Redis had lost the buffer (the marker key gone or replaced).")?,
             records_produced_total: counter(&r, "spanbuf_records_produced_total", "Records produced to the output topic and acknowledged by the broker.")?,
             produced_bytes_total: counter(&r, "spanbuf_produced_bytes_total", "Bytes of records acknowledged by the broker.")?,
-            produce_errors_total: counter_vec(&r, "spanbuf_produce_errors_total", "Records the broker refused or that timed out, by kind (delivery, encode, too_large).", "kind")?,
+            produce_errors_total: counter_vec(&r, "spanbuf_produce_errors_total", "Records the broker refused or that timed out, by kind (delivery, encode, too_large, invalid).", "kind")?,
             dlq_records_total: counter(&r, "spanbuf_dlq_records_total", "Invalid spans forwarded to the dead-letter topic.")?,
+            dlq_records_dropped_total: counter_vec(&r, "spanbuf_dlq_records_dropped_total", "Invalid spans not forwarded to the dead-letter topic, by reason (too_large = beyond its message limit, rejected = refused by the broker as invalid, gave_up = retried for the producer's message timeout).", "reason")?,
             messages_consumed_total: counter(&r, "spanbuf_messages_consumed_total", "Kafka input messages consumed (valid or not).")?,
             offset_commits_total: counter_vec(&r, "spanbuf_offset_commits_total", "Offset commits, by outcome (ok, error).", "outcome")?,
             assigned_partitions: register(&r, "spanbuf_assigned_partitions", prometheus::IntGauge::new("spanbuf_assigned_partitions", "Partitions currently assigned to this process."))?,
@@ -257,6 +260,9 @@ impl Metrics {
         for kind in ["raw", "stored"] {
             m.ingest_payload_bytes_total.with_label_values(&[kind]);
         }
+        for reason in ["too_large", "rejected", "gave_up"] {
+            m.dlq_records_dropped_total.with_label_values(&[reason]);
+        }
         for reason in DROP_REASONS {
             m.spans_dropped_total.with_label_values(&[reason]);
         }
@@ -267,7 +273,7 @@ impl Metrics {
             m.backpressure_active.with_label_values(&[reason]);
             m.backpressure_pauses_total.with_label_values(&[reason]);
         }
-        for kind in ["delivery", "encode", "too_large"] {
+        for kind in ["delivery", "encode", "too_large", "invalid"] {
             m.produce_errors_total.with_label_values(&[kind]);
         }
         for outcome in ["ok", "error"] {

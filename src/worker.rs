@@ -619,8 +619,9 @@ async fn write_window(
 }
 
 /// Sends invalid input to the dead-letter topic (original bytes; reason,
-/// source partition and offset in headers), retrying until it is accepted:
-/// the offsets are committed past these messages only after that.
+/// source partition and offset in headers), retrying each for a bounded time
+/// ([`forward_one`]): the offsets are committed past these messages only
+/// after that.
 /// Dead letters in flight at once: each is awaited, but not one by one.
 const DLQ_IN_FLIGHT: usize = 64;
 
@@ -633,17 +634,33 @@ async fn forward_invalid(
     let mut pending = futures::stream::FuturesUnordered::new();
     for (message, err) in invalid {
         if pending.len() >= DLQ_IN_FLIGHT {
-            pending.next().await;
+            if let Some(Err(fatal)) = pending.next().await {
+                return Err(WorkerError::from(fatal));
+            }
         }
         pending.push(forward_one(shared, topic, message, err));
     }
-    while pending.next().await.is_some() {}
+    while let Some(done) = pending.next().await {
+        done?;
+    }
     Ok(())
 }
 
-/// Forwards one invalid message to the dead-letter topic, retrying until it
-/// is delivered (the batch is not committed before) or can never be.
-async fn forward_one(shared: &Shared, topic: &str, message: &Consumed, err: &InvalidSpan) {
+/// Forwards one invalid message to the dead-letter topic, retrying for at
+/// most the producer's message timeout: the batch (and with it the window's
+/// clock) waits for its dead letters, so a dead-letter topic that cannot take
+/// them (deleted, not writable, too small a limit) must not hold consumption
+/// for good. A message given up on is counted
+/// (`spanbuf_dlq_records_dropped_total{reason}`) and logged with its
+/// partition and offset; its span is already counted as invalid.
+/// A producer that can never deliver again (fenced) ends the worker instead:
+/// the batch stays uncommitted and a restarted worker forwards it.
+async fn forward_one(
+    shared: &Shared,
+    topic: &str,
+    message: &Consumed,
+    err: &InvalidSpan,
+) -> Result<(), KafkaError> {
     let partition = message.partition.to_string();
     let offset = message.offset.to_string();
     let headers: [(&str, &[u8]); 4] = [
@@ -652,35 +669,45 @@ async fn forward_one(shared: &Shared, topic: &str, message: &Consumed, err: &Inv
         ("spanbuf-source-partition", partition.as_bytes()),
         ("spanbuf-source-offset", offset.as_bytes()),
     ];
+    let give_up_at = tokio::time::Instant::now() + shared.sink.message_timeout();
     let mut backoff = BACKOFF_START;
     loop {
-        match shared
+        let (reason, error) = match shared
             .sink
             .produce_raw(topic, None, &message.payload, &headers)
             .await
         {
             Ok(()) => {
                 shared.metrics.dlq_records_total.inc();
-                return;
+                return Ok(());
             }
+            // Can never succeed: retrying would block the partition.
             Err(e) if e.is_message_too_large() => {
-                // Can never succeed: retrying would block the partition
-                // for good. The span is already counted as invalid.
                 shared
                     .metrics
                     .produce_errors_total
                     .with_label_values(&["too_large"])
                     .inc();
-                tracing::error!(partition = message.partition, offset = message.offset, error = %e,
-                    "invalid span too large for the dead-letter topic; counted, not forwarded");
-                return;
+                ("too_large", e)
             }
+            Err(e) if e.is_invalid_record() => ("rejected", e),
+            Err(_) if shared.sink.check_fatal().is_err() => return shared.sink.check_fatal(),
+            Err(e) if tokio::time::Instant::now() + backoff >= give_up_at => ("gave_up", e),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "dead-letter produce failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
             }
-        }
+        };
+        shared
+            .metrics
+            .dlq_records_dropped_total
+            .with_label_values(&[reason])
+            .inc();
+        tracing::error!(partition = message.partition, offset = message.offset, %reason, error = %error,
+            "invalid span not forwarded to the dead-letter topic; counted, and consumption goes on");
+        return Ok(());
     }
 }
 

@@ -604,3 +604,64 @@ fn a_record_too_large_for_the_output_is_counted_and_the_rest_delivered() {
     let stderr = worker.stop_cleanly();
     assert!(stderr.contains("record can never be delivered"), "{stderr}");
 }
+
+/// Issue 12 item 3: a dead-letter topic that cannot take a message (here
+/// the broker refuses every dead letter as invalid for the topic: tansu's
+/// schema registry) made the forwarder retry forever while the batch — and
+/// the window's clock — waited: nothing after it was written or flushed.
+/// Now a refused dead letter is given up on at once (a timeout or outage
+/// after the producer's message timeout) and counted; the valid spans
+/// around it are delivered.
+#[test]
+fn a_dead_letter_topic_that_refuses_messages_does_not_freeze_the_worker() {
+    let redis = RedisServer::start();
+    let never = serde_json::json!({"type": "object", "properties": {
+        "value": {"type": "object", "required": ["never-present"]}}});
+    let broker = Broker::start_with_schemas(&[(DLQ, never)]);
+    topics(&broker);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "2".into()),
+            // tansu answers the epoch bump an idempotent producer makes after
+            // a refused record with a fence (see
+            // broker_unresponsive_during_produce_then_back); a real broker
+            // does not. Without idempotence the producer goes on.
+            (
+                "SPANBUF_KAFKA_PRODUCER_PROP_ENABLE_IDEMPOTENCE",
+                "false".into(),
+            ),
+        ],
+    );
+    let (mut lines, expected) = spans(0);
+    for n in 0..4 {
+        let trace = format!("{:032x}", 0xabc0_0000u64 + n);
+        lines.insert(
+            (n * 200) as usize,
+            (trace, format!("{{\"not a span\": {n}}}").into_bytes()),
+        );
+    }
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, Some(&redis));
+    assert_eq!(
+        worker.metric("spanbuf_dlq_records_dropped_total{reason=\"rejected\"}"),
+        Some(4.0)
+    );
+    assert_eq!(worker.metric("spanbuf_dlq_records_total"), Some(0.0));
+    assert_eq!(worker.metric("spanbuf_spans_consumed_total"), Some(800.0));
+    let valid: Lines = lines
+        .iter()
+        .filter(|(_, p)| !p.starts_with(b"{\"not"))
+        .cloned()
+        .collect();
+    let report = audit(&broker, &redis, &[&valid], &worker);
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    let stderr = worker.stop_cleanly();
+    assert!(
+        stderr.contains("not forwarded to the dead-letter topic"),
+        "{stderr}"
+    );
+}

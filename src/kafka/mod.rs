@@ -53,7 +53,7 @@ pub enum KafkaError {
         problems: Vec<String>,
     },
     /// One message was not produced or its delivery was not acknowledged.
-    #[error("producing a message to kafka topic {topic} failed")]
+    #[error("producing a message to kafka topic {topic} failed: {source}")]
     Produce {
         topic: String,
         #[source]
@@ -89,13 +89,22 @@ impl KafkaError {
     /// True when the message exceeds `message.max.bytes` (client side) or the
     /// topic's limit: retrying the same message can never succeed.
     pub fn is_message_too_large(&self) -> bool {
+        self.code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+    }
+
+    /// True when the broker refused the message as invalid for its topic
+    /// (`INVALID_RECORD`: e.g. a schema it does not match, or no key on a
+    /// compacted topic): retrying the same message can never succeed.
+    pub fn is_invalid_record(&self) -> bool {
+        self.code() == Some(RDKafkaErrorCode::InvalidRecord)
+    }
+
+    fn code(&self) -> Option<RDKafkaErrorCode> {
         match self {
             KafkaError::Client { source, .. }
             | KafkaError::Metadata { source, .. }
-            | KafkaError::Produce { source, .. } => {
-                source.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
-            }
-            _ => false,
+            | KafkaError::Produce { source, .. } => source.rdkafka_error_code(),
+            _ => None,
         }
     }
 }

@@ -356,6 +356,11 @@ impl KafkaSink {
         })
     }
 
+    /// The effective `message.timeout.ms`.
+    pub fn message_timeout(&self) -> Duration {
+        self.message_timeout
+    }
+
     /// The output topic records go to.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -497,6 +502,12 @@ impl KafkaSink {
             Ok(Err((source, _))) => source,
             Err(_) => RdKafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
         };
+        if let Some(code) = source.rdkafka_error_code().filter(|c| unrecoverable(*c)) {
+            *self
+                .unrecoverable
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(code);
+        }
         Err(KafkaError::Produce {
             topic: topic.to_owned(),
             source,
@@ -690,13 +701,16 @@ enum FailureKind {
     Encode = 1,
     /// Larger than `message.max.bytes` (client side) or the topic's limit.
     TooLarge = 2,
+    /// Refused by the broker as invalid for the topic (`INVALID_RECORD`).
+    Invalid = 3,
 }
 
 impl FailureKind {
-    const ALL: [FailureKind; 3] = [
+    const ALL: [FailureKind; 4] = [
         FailureKind::Delivery,
         FailureKind::Encode,
         FailureKind::TooLarge,
+        FailureKind::Invalid,
     ];
 
     fn as_str(self) -> &'static str {
@@ -704,6 +718,7 @@ impl FailureKind {
             FailureKind::Delivery => "delivery",
             FailureKind::Encode => "encode",
             FailureKind::TooLarge => "too_large",
+            FailureKind::Invalid => "invalid",
         }
     }
 }
@@ -728,12 +743,17 @@ impl Failure {
                 reason: "unencodable",
                 detail: self.message,
             },
+            // Not for good: a broker refuses the whole produce batch the
+            // invalid record came in (seen with tansu's schema validation),
+            // and its batch-mates must not be dropped with it.
+            FailureKind::Invalid => Undelivered::Retry(self.message),
         }
     }
 
     fn from_kafka(error: &RdKafkaError, topic: &str) -> Failure {
         let kind = match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageSizeTooLarge) => FailureKind::TooLarge,
+            Some(RDKafkaErrorCode::InvalidRecord) => FailureKind::Invalid,
             _ => FailureKind::Delivery,
         };
         let produce = KafkaError::Produce {
@@ -754,7 +774,7 @@ struct Tally {
     delivered: u64,
     bytes: u64,
     /// Indexed by `FailureKind as usize`.
-    failed: [u64; 3],
+    failed: [u64; 4],
     /// Records that did not go out, in the order they settled.
     undelivered: Vec<(usize, Undelivered)>,
     /// An error code no retry of this producer can fix, if one was seen.
@@ -770,7 +790,7 @@ impl Tally {
             report_timeout,
             delivered: 0,
             bytes: 0,
-            failed: [0; 3],
+            failed: [0; 4],
             undelivered: Vec::new(),
             unrecoverable: None,
         }
@@ -1012,7 +1032,7 @@ mod tests {
         tally.settle(3, Err(elapsed), 10, "out");
         tally.settle(5, Ok(Err(Canceled)), 10, "out");
         assert_eq!((tally.delivered, tally.bytes), (0, 0));
-        assert_eq!(tally.failed, [2, 0, 0]);
+        assert_eq!(tally.failed, [2, 0, 0, 0]);
         assert_eq!(tally.by_kind(), "delivery=2");
         let indices: Vec<usize> = tally.undelivered.iter().map(|(i, _)| *i).collect();
         assert_eq!(indices, [3, 5]);

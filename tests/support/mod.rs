@@ -514,6 +514,14 @@ impl Broker {
     /// Starts tansu (see `tansu_binary` for where it is looked up) and waits until
     /// it answers a metadata request as the broker we started.
     pub fn start() -> Broker {
+        Broker::start_with_schemas(&[])
+    }
+
+    /// Starts tansu with its schema registry holding a JSON schema per
+    /// `(topic, schema)`: the broker refuses a message to such a topic that
+    /// does not match (`INVALID_RECORD`) — a real, permanent produce error.
+    /// The schema describes `{"key": …, "value": …}` of each message.
+    pub fn start_with_schemas(schemas: &[(&str, serde_json::Value)]) -> Broker {
         let binary = tansu_binary();
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
@@ -538,6 +546,19 @@ impl Broker {
             ]
             .map(String::from)
             .to_vec();
+            let mut args = args;
+            if !schemas.is_empty() {
+                let registry = dir.path().join("schemas");
+                fs::create_dir_all(&registry).expect("schema registry dir");
+                for (topic, schema) in schemas {
+                    fs::write(registry.join(format!("{topic}.json")), schema.to_string())
+                        .expect("write schema");
+                }
+                // tansu resolves a file URL against its working directory,
+                // which is `dir`.
+                args.push("--schema-registry".into());
+                args.push("file://./schemas".into());
+            }
             let mut command = Command::new(&binary);
             command
                 .args(&args)
