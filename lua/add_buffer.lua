@@ -17,16 +17,18 @@ Cost (it runs for every subsegment, so Redis CPU is mostly this script)
   Everything the call needs about the target segment is read in one MGET and
   every counter is written with one SET (the script is atomic, so
   read-modify-write is safe). A new segment costs about 11 commands, adding to
-  an existing one about 8: HGET (root), MGET (target), SADD (index; its reply
+  an existing one about 9: HGET (root), MGET (target), SADD (index; its reply
   is the redelivery check), HSET + EXPIRE (redirects), MGET of the spans' ic
   keys (earlier segments rooted at these spans; one key per span, since every
   key read is a keyspace lookup), SET ic, SET ibc, and for a new segment
   EXPIRE of the index and SET of hrs/fs. Merging an earlier segment adds an
   MGET, an SSCAN and a DEL. A segment's own keys (index, ic, ibc, hrs, fs) get
-  their TTL once, when the segment is created, and keep it (KEEPTTL): the
+  their TTL once, when the segment is created, and keep it (KEEPTTL; the
+  index's EXPIRE NX on later calls only matters once it expired): the
   segment is flushed within SPANBUF_MAX_SEGMENT_LIFETIME_SECS of its first
   span, which the configuration keeps below the TTL, and its first payload
-  set, written once, expires then anyway. The redirect map is shared by the
+  set, written once, expires then anyway. `ic` lives twice the TTL, so a
+  flush after the data expired still counts the loss. The redirect map is shared by the
   trace's segments and is refreshed on every call.
 
 KEYS
@@ -37,7 +39,7 @@ ARGV
   1  key prefix (P)
   2  parent span id of the subsegment (its top-most known parent)
   3  "1" if the subsegment contains its segment root span, else "0"
-  4  TTL in seconds for every key written
+  4  TTL in seconds for every key written (twice that for ic)
   5  payload bytes of the subsegment
   6  max segment bytes (0 = unlimited)
   7  salt (32 hex)
@@ -249,13 +251,20 @@ ibc = ibc + byte_count
 -- A segment's own keys all expire together, `ttl` after it was created:
 -- written in one call, the index and the counters get the same expiry, so
 -- the counters' absence (a new segment) means the index is new too.
+-- The span counter outlives the data by a TTL (docs/design.md §4): a flush
+-- that comes only after the payload sets expired (a flusher stalled past the
+-- TTL) still knows how many spans were lost and counts them as expired,
+-- instead of finding an "empty" segment. Then the index may be gone while
+-- the counter lives: a later subsegment re-creates the index, and NX gives
+-- it a TTL without moving the one it still has.
 if new_segment then
-    redis.call("SET", meta_key("ic", set_key), ic, "EX", ttl)
+    redis.call("SET", meta_key("ic", set_key), ic, "EX", ttl * 2)
     redis.call("SET", meta_key("ibc", set_key), ibc, "EX", ttl)
     redis.call("EXPIRE", target_mk, ttl)
 else
     redis.call("SET", meta_key("ic", set_key), ic, "KEEPTTL")
     redis.call("SET", meta_key("ibc", set_key), ibc, "KEEPTTL")
+    redis.call("EXPIRE", target_mk, ttl, "NX")
 end
 if fs_changed then
     redis.call("SET", meta_key("fs", set_key), string.format("%.3f", first_seen), "EX", ttl)

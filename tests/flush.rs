@@ -51,6 +51,7 @@ both!(
     flushing_works_above_maxmemory,
     a_record_that_can_never_be_delivered_does_not_hold_back_the_others,
     a_partial_delivery_is_resent_under_the_same_flush_ids,
+    a_flush_after_the_data_expired_counts_the_loss,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries
@@ -1315,4 +1316,42 @@ async fn a_partial_delivery_is_resent_under_the_same_flush_ids(backend: Backend)
     assert_eq!(env.dropped("expired"), 0);
     assert_eq!(env.metrics.spans_consumed_total.get(), 9);
     env.assert_only_redirects_left().await;
+}
+
+/// Issue 12 item 4: a flush that comes after the TTL (a flusher stalled that
+/// long) used to find the payload sets and the counters expired together:
+/// the segment showed only as "empty", its spans in no loss counter, and
+/// conservation broke. The span counter and the queue now outlive the data
+/// by a TTL, so the loss is counted as `expired`.
+async fn a_flush_after_the_data_expired_counts_the_loss(backend: Backend) {
+    let mut env = Env::start(backend, |c| {
+        c.redis.ttl_secs = 2;
+        c.buffer.max_segment_lifetime_secs = 1;
+        c.buffer.flush_lock_ttl_secs = 1;
+    })
+    .await;
+    let t = trace(24);
+    let mut spans = vec![TestSpan::new(&t, &id(1), None)];
+    for n in 2..=5 {
+        spans.push(TestSpan::new(&t, &id(n), Some(&id(1))));
+    }
+    env.ingest(&spans, T0).await;
+    let seg = env.keys().segment(&spanbuf::store::Keys::pt(1, &t), &id(1));
+    let index = env
+        .keys()
+        .member_keys(&spanbuf::store::Keys::pt(1, &t), &id(1));
+    // The data is gone, the counter is not (TTLs are real seconds).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!env.inspect.exists(&index).await, "the index expired");
+    assert!(env.inspect.exists(&format!("span-buf:ic:{seg}")).await);
+    let out = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &Collect::default())
+        .await
+        .expect("cycle");
+    assert_eq!((out.spans_flushed, out.spans_dropped_expired), (0, 5));
+    assert_eq!(env.dropped("expired"), 5);
+    // Conservation: 5 consumed = 0 flushed + 5 dropped, nothing buffered.
+    assert_eq!(env.metrics.spans_consumed_total.get(), 5);
+    assert_drained(&mut env).await;
 }

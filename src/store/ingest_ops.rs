@@ -142,8 +142,11 @@ impl Store {
                     }
                     ops.push(Op::new(queue.clone(), zadd));
                 }
+                // Like the span counters, the queue outlives the data by a
+                // TTL: a flusher back from a stall longer than the TTL still
+                // finds the segments and counts what expired.
                 let mut expire = redis::cmd("EXPIRE");
-                expire.arg(&queue).arg(ttl_secs);
+                expire.arg(&queue).arg(ttl_secs.saturating_mul(2));
                 ops.push(Op::new(queue.clone(), expire));
             }
             for page in update.remove.chunks(QUEUE_PAGE) {
