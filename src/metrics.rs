@@ -83,6 +83,8 @@ pub struct Metrics {
     pub offset_commits_total: IntCounterVec,
     /// Partitions currently assigned to this process.
     pub assigned_partitions: prometheus::IntGauge,
+    /// Assigned partitions whose shard is not flushed yet: this process has not caught up with what the previous owner left.
+    pub partitions_catching_up: prometheus::IntGauge,
     /// Flush-queue members that were not segment keys of this prefix,
     /// removed (they can never be flushed and would hold the lag up).
     pub queue_foreign_members_total: IntCounter,
@@ -244,6 +246,7 @@ impl Metrics {
             messages_consumed_total: counter(&r, "spanbuf_messages_consumed_total", "Kafka input messages consumed (valid or not).")?,
             offset_commits_total: counter_vec(&r, "spanbuf_offset_commits_total", "Offset commits, by outcome (ok, error).", "outcome")?,
             assigned_partitions: register(&r, "spanbuf_assigned_partitions", prometheus::IntGauge::new("spanbuf_assigned_partitions", "Partitions currently assigned to this process."))?,
+            partitions_catching_up: register(&r, "spanbuf_partitions_catching_up", prometheus::IntGauge::new("spanbuf_partitions_catching_up", "Assigned partitions whose shard is not flushed yet: this process has not caught up with what the previous owner left."))?,
             queue_foreign_members_total: counter(&r, "spanbuf_queue_foreign_members_total", "Flush-queue members that were not segment keys of this prefix, removed: they can never be flushed and would hold the flush lag up.")?,
             window_spans: histogram(&r, "spanbuf_window_spans", "Valid spans per coalescing window written to Redis.", window_buckets())?,
             window_spans_released_total: counter(&r, "spanbuf_window_spans_released_total", "Staged spans of partitions revoked before their window was written, left uncommitted for the new owner (not a loss).")?,

@@ -66,6 +66,9 @@ pub enum WorkerError {
 /// Backoff for Redis and dead-letter retries: 100 ms doubling to 5 s.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The least time a new partition's shard waits to be caught up with before
+/// it is flushed anyway.
+const CATCH_UP_LIMIT_MIN: Duration = Duration::from_secs(60);
 /// How often the hard backpressure check reads Redis memory.
 const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -346,11 +349,20 @@ async fn consume_loop(
     let mut memory_checked = Instant::now() - MEMORY_CHECK_EVERY;
     let mut marker = DataLossMarker::new();
 
+    // A newly assigned partition's shard is flushed only once what the
+    // previous owner left (or a backlog) is in Redis (docs/design.md §7).
+    let b = &shared.config.buffer;
+    let catch_up_limit =
+        CATCH_UP_LIMIT_MIN.max(Duration::from_secs(b.timeout_secs.max(b.root_timeout_secs)));
     while !stop.is_cancelled() {
         shared.health.progress("consume");
         shared
             .health
             .set_assigned_partitions(consumer.assignment().partitions());
+        consumer.assignment().promote(
+            |p| window.partitions().contains_key(&p) || carried.iter().any(|m| m.partition == p),
+            catch_up_limit,
+        );
 
         // A due window goes to Redis first (also while paused: it is bounded,
         // and holding it would hold the clock).
@@ -719,6 +731,10 @@ async fn flush_loop(
     let interval = Duration::from_millis(shared.config.worker.flush_interval_ms);
     let mut backoff = BACKOFF_START;
     while !stop.is_cancelled() {
+        shared
+            .metrics
+            .partitions_catching_up
+            .set(consumer.assignment().catching_up() as i64);
         let shards = consumer.assignment().shards();
         let wait = match shared
             .engine

@@ -665,3 +665,75 @@ fn a_dead_letter_topic_that_refuses_messages_does_not_freeze_the_worker() {
         "{stderr}"
     );
 }
+
+/// Issue 12 item 6 (and the wrong roots of item 14): a partition's new owner
+/// flushed that shard at its own clock (wall time at start) before it had
+/// read what the previous owner left: segments went out without their
+/// backlog, and the backlog's spans became segments of their own under the
+/// wrong root. Here worker A buffers the roots and children, stops (SIGTERM:
+/// written, committed, not yet due), the grandchildren are produced, and the
+/// buffered segments become overdue by wall time before worker B starts. B
+/// must read the grandchildren into their segments before flushing them.
+#[test]
+fn a_new_owner_does_not_flush_before_catching_up() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let vars = [
+        ("SPANBUF_REDIS_URL", redis.url()),
+        ("SPANBUF_ROOT_TIMEOUT_SECS", "3".into()),
+    ];
+    let mut a = Worker::start_with(&broker, &vars);
+    let (lines, expected) = spans(0);
+    // Per trace: the root and its children first, the grandchildren later.
+    let (first, rest): (Vec<_>, Vec<_>) = lines.iter().enumerate().partition(|(i, _)| i % 8 < 4);
+    let first: Lines = first.into_iter().map(|(_, l)| l.clone()).collect();
+    let rest: Lines = rest.into_iter().map(|(_, l)| l.clone()).collect();
+    produce(&broker, &first);
+    wait_consumed(&a, 400.0);
+    a.stop_cleanly();
+    assert_eq!(queued(&redis), 100, "buffered, not yet due");
+    produce(&broker, &rest);
+    // Overdue by wall time, with the grandchildren still in Kafka.
+    std::thread::sleep(Duration::from_secs(4));
+
+    // B starts with consumption held by hard backpressure (Redis above 1 %
+    // of its maxmemory), as a new owner may be busy, slow or behind: its
+    // flusher runs while the grandchildren are still in Kafka.
+    let mut conn = redis.connection();
+    let set_maxmemory = |conn: &mut redis::Connection, value: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(value)
+            .query::<()>(conn)
+            .expect("config set");
+    };
+    set_maxmemory(&mut conn, "50mb");
+    let mut b_vars = vars.to_vec();
+    b_vars.push(("SPANBUF_MAX_REDIS_MEMORY_PERCENT", "1".into()));
+    let mut b = Worker::start_with(&broker, &b_vars);
+    wait_for("consumption paused", Duration::from_secs(60), || {
+        b.metric("spanbuf_backpressure_active{reason=\"redis_memory\"}") == Some(1.0)
+            && b.metric("spanbuf_assigned_partitions") == Some(4.0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        b.metric("spanbuf_segments_flushed_total"),
+        Some(0.0),
+        "nothing flushed before the backlog is in"
+    );
+    assert_eq!(b.metric("spanbuf_partitions_catching_up"), Some(4.0));
+    set_maxmemory(&mut conn, "0");
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, Some(&redis));
+    assert_eq!(output.records, 100, "each segment once, whole");
+    assert_eq!(b.metric("spanbuf_partitions_catching_up"), Some(0.0));
+    let report = audit(&broker, &redis, &[&lines], &b);
+    assert_eq!(report["wrong_root"], 0, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    // B's counters alone: it consumed the 400 grandchildren and flushed 800.
+    assert_eq!(report["conservation"]["consumed"], 400, "{report}");
+    assert_eq!(report["conservation"]["flushed"], 800, "{report}");
+    b.stop_cleanly();
+}

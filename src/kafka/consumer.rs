@@ -22,19 +22,37 @@ use crate::config::Config;
 
 /// The partitions this process holds, each with the epoch it was assigned
 /// in (a counter that grows with every rebalance), so a partition revoked and
-/// assigned again is told apart from one held all along.
+/// assigned again is told apart from one held all along; and whether this
+/// process has caught up with the partition since (docs/design.md §7): its
+/// shard is flushed only then.
 #[derive(Debug, Default)]
 pub struct Assignment {
-    inner: Mutex<(BTreeMap<i32, u64>, u64)>,
+    inner: Mutex<(BTreeMap<i32, Held>, u64)>,
+}
+
+/// One held partition.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    assigned_at: Instant,
+    /// The consumer reached the end of the partition (librdkafka's
+    /// partition EOF, from the fetch responses' high watermark) since the
+    /// assignment.
+    reached_end: bool,
+    caught_up: bool,
 }
 
 impl Assignment {
-    /// The partitions held now, as queue shards.
+    /// The partitions held now and caught up with, as queue shards: the
+    /// shards this process may flush. A partition just assigned holds
+    /// spans the previous owner did not commit (and maybe a backlog); its
+    /// segments in Redis must not be flushed before those are in.
     pub fn shards(&self) -> Vec<u32> {
         self.lock()
             .0
-            .keys()
-            .filter_map(|&p| u32::try_from(p).ok())
+            .iter()
+            .filter(|(_, h)| h.caught_up)
+            .filter_map(|(&p, _)| u32::try_from(p).ok())
             .collect()
     }
 
@@ -48,10 +66,47 @@ impl Assignment {
 
     /// The epoch `partition` was assigned in, `None` when it is not held.
     pub fn epoch(&self, partition: i32) -> Option<u64> {
-        self.lock().0.get(&partition).copied()
+        self.lock().0.get(&partition).map(|h| h.epoch)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<i32, u64>, u64)> {
+    /// How many held partitions are not caught up with yet.
+    pub fn catching_up(&self) -> usize {
+        self.lock().0.values().filter(|h| !h.caught_up).count()
+    }
+
+    /// The consumer reached the end of `partition`.
+    fn reached_end(&self, partition: i32) {
+        if let Some(h) = self.lock().0.get_mut(&partition) {
+            h.reached_end = true;
+        }
+    }
+
+    /// Marks caught up every held partition whose end the consumer reached
+    /// and of which nothing read is still outside Redis (`in_flight`: staged
+    /// or carried to the next window): everything up to its end is then in
+    /// Redis. One held for `give_up_after` without that is marked caught up
+    /// anyway, with a warning: from then on only the live clock (held at the
+    /// backlog's timestamps while it is staged) keeps its segments from
+    /// flushing early, but a shard never flushed could not free Redis while
+    /// hard backpressure holds consumption.
+    pub fn promote(&self, in_flight: impl Fn(i32) -> bool, give_up_after: Duration) {
+        let mut guard = self.lock();
+        for (&partition, held) in guard.0.iter_mut().filter(|(_, h)| !h.caught_up) {
+            if held.reached_end && !in_flight(partition) {
+                tracing::info!(
+                    partition,
+                    "caught up with the partition; flushing its shard"
+                );
+                held.caught_up = true;
+            } else if held.assigned_at.elapsed() >= give_up_after {
+                tracing::warn!(partition, held_for = ?held.assigned_at.elapsed(),
+                    "not caught up with the partition in time; flushing its shard anyway (segments the rest of its backlog extends may flush early)");
+                held.caught_up = true;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<i32, Held>, u64)> {
         // A poisoned lock only means a callback panicked mid-update; the map
         // itself is still a valid set of partitions.
         self.inner
@@ -64,7 +119,12 @@ impl Assignment {
         guard.1 += 1;
         let epoch = guard.1;
         for &p in partitions {
-            guard.0.entry(p).or_insert(epoch);
+            guard.0.entry(p).or_insert(Held {
+                epoch,
+                assigned_at: Instant::now(),
+                reached_end: false,
+                caught_up: false,
+            });
         }
     }
 
@@ -162,7 +222,10 @@ impl InputConsumer {
             client.set(key, value);
         }
         // Guarantees, never overridable (config refuses these names anyway).
+        // Partition EOF events tell when a new partition's backlog is read
+        // ([`Assignment::shards`]).
         client
+            .set("enable.partition.eof", "true")
             .set("group.id", &config.kafka.consumer_group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
@@ -229,6 +292,9 @@ impl InputConsumer {
                         let message = Consumed::from_message(&message);
                         bytes += message.payload.len();
                         batch.push(message);
+                    }
+                    Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
+                        self.assignment.reached_end(partition);
                     }
                     Err(source) => {
                         if batch.is_empty() {
@@ -307,6 +373,10 @@ impl InputConsumer {
             () = tokio::time::sleep(wait) => None,
             received = self.consumer.recv() => match received {
                 Ok(message) => Some(Consumed::from_message(&message)),
+                Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
+                    self.assignment.reached_end(partition);
+                    None
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "consumer error while paused");
                     None
