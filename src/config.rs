@@ -70,6 +70,7 @@ mod var {
     pub const MAX_SEGMENT_BYTES: &str = "SPANBUF_MAX_SEGMENT_BYTES";
     pub const MAX_SPAN_BYTES: &str = "SPANBUF_MAX_SPAN_BYTES";
     pub const MAX_FLUSH_SEGMENTS: &str = "SPANBUF_MAX_FLUSH_SEGMENTS";
+    pub const MAX_FLUSH_BYTES: &str = "SPANBUF_MAX_FLUSH_BYTES";
     pub const COMPRESSION_LEVEL: &str = "SPANBUF_COMPRESSION_LEVEL";
     pub const FLUSH_LOCK_TTL_SECS: &str = "SPANBUF_FLUSH_LOCK_TTL_SECS";
     pub const OUTPUT_CODEC: &str = "SPANBUF_OUTPUT_CODEC";
@@ -228,6 +229,11 @@ pub const VARIABLES: &[VarDoc] = &[
         meaning: "queue keys become P:q:<slice>-<shard> instead of P:q:<shard>",
     },
     VarDoc {
+        name: var::MAX_FLUSH_BYTES,
+        default: "67108864",
+        meaning: "byte budget of one flush cycle: segments (by ingested bytes) loaded at once, at least one (at least 1024)",
+    },
+    VarDoc {
         name: var::SEGMENT_PAGE_SIZE,
         default: "100",
         meaning: "SSCAN COUNT when loading a segment's payload sets (1 to 100000)",
@@ -332,6 +338,7 @@ fn expected(name: &str) -> &'static str {
         var::OUTPUT_CODEC => "expected json or msgpack",
         var::SLICE_ID => "expected a whole number from 0 to 4294967295, or empty for none",
         var::SEGMENT_PAGE_SIZE => "expected a whole number from 1 to 100000 (e.g. 100)",
+        var::MAX_FLUSH_BYTES => "expected a whole number of bytes, at least 1024 (e.g. 67108864)",
         var::FLUSH_INTERVAL_MS => "expected a whole number of milliseconds from 10 to 60000 (e.g. 500)",
         var::MAX_FLUSH_LAG_SECS => "expected a whole number of seconds, 0 to disable (e.g. 30)",
         var::WINDOW_MAX_SPANS => "expected a whole number from 1 to 1000000 (e.g. 20000)",
@@ -586,6 +593,11 @@ pub struct BufferConfig {
     /// `SPANBUF_SEGMENT_PAGE_SIZE`: SSCAN COUNT when loading payload sets,
     /// 1..=100000; 100 by default.
     pub segment_page_size: usize,
+    /// `SPANBUF_MAX_FLUSH_BYTES`: a flush cycle loads segments (by their
+    /// ingested bytes) up to this budget, and at least one; 64 MiB by
+    /// default, so the flusher's memory stays bounded whatever the segment
+    /// sizes.
+    pub max_flush_bytes: u64,
 }
 
 impl Default for BufferConfig {
@@ -602,6 +614,7 @@ impl Default for BufferConfig {
             output_codec: OutputCodec::Json,
             slice_id: None,
             segment_page_size: 100,
+            max_flush_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -1057,6 +1070,7 @@ impl Config {
                 }
             }
             var::SEGMENT_PAGE_SIZE => b.segment_page_size = num(value)?,
+            var::MAX_FLUSH_BYTES => b.max_flush_bytes = num(value)?,
             var::FLUSH_INTERVAL_MS => self.worker.flush_interval_ms = num(value)?,
             var::MAX_FLUSH_LAG_SECS => self.worker.max_flush_lag_secs = num(value)?,
             var::WINDOW_MAX_SPANS => self.worker.window_max_spans = num(value)?,
@@ -1236,6 +1250,11 @@ impl Config {
             (1..=100_000).contains(&b.segment_page_size),
             b.segment_page_size,
         );
+        c.require(
+            var::MAX_FLUSH_BYTES,
+            b.max_flush_bytes >= 1024,
+            b.max_flush_bytes,
+        );
         let w = &self.worker;
         c.require(
             var::FLUSH_INTERVAL_MS,
@@ -1394,6 +1413,7 @@ impl Config {
                 var::SLICE_ID,
                 b.slice_id.map(|id| id.to_string()).unwrap_or_default(),
             ),
+            (var::MAX_FLUSH_BYTES, b.max_flush_bytes.to_string()),
             (var::SEGMENT_PAGE_SIZE, b.segment_page_size.to_string()),
             (
                 var::WINDOW_MAX_SPANS,

@@ -2,7 +2,8 @@
 //! precise cleanup, for the shards this process owns.
 //!
 //! One [`Flusher::flush_cycle`] handles up to `SPANBUF_MAX_FLUSH_SEGMENTS`
-//! segments in a fixed number of Redis round trips (queues; lock+snapshot;
+//! segments, and no more ingested bytes than `SPANBUF_MAX_FLUSH_BYTES` (at
+//! least one segment), in a fixed number of Redis round trips (queues; lock+snapshot;
 //! payload pages; cleanup; unlink+dequeue), whatever the number of segments.
 //! Nothing is deleted before the sink confirmed delivery, and cleanup removes
 //! exactly the snapshot that was delivered: spans that arrived after the load
@@ -42,6 +43,8 @@ pub struct FlushSettings {
     pub lock_ttl_ms: u64,
     pub max_segment_bytes: usize,
     pub page_size: usize,
+    /// `SPANBUF_MAX_FLUSH_BYTES`: the cycle's byte budget.
+    pub max_flush_bytes: u64,
     /// Bound on one payload member's decompressed size
     /// ([`crate::span::compress::max_member_bytes`]).
     pub max_member_bytes: usize,
@@ -60,6 +63,7 @@ impl FlushSettings {
             max_segment_bytes: usize::try_from(crate::kafka::producer::record_chunk_bytes(config))
                 .unwrap_or(usize::MAX),
             page_size: config.buffer.segment_page_size,
+            max_flush_bytes: config.buffer.max_flush_bytes,
             max_member_bytes: crate::span::compress::max_member_bytes(
                 usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX),
                 usize::try_from(batch_bytes.max(config.buffer.max_segment_bytes))
@@ -94,6 +98,11 @@ pub struct CycleOutcome {
     pub delivery_error: Option<String>,
     /// Redis round trips of the cycle.
     pub round_trips: u64,
+    /// Ingested bytes of the segments this cycle took (its byte budget
+    /// counts these).
+    pub bytes_loaded: u64,
+    /// Due segments locked but left for the next cycle: over the byte budget.
+    pub over_budget: usize,
     /// The largest flush lag over the shards (now minus the oldest overdue
     /// deadline; 0 when nothing is overdue): the soft backpressure signal.
     pub max_lag_secs: f64,
@@ -413,19 +422,42 @@ impl Flusher {
             .lock_and_load(&requests, &self.token, self.settings.lock_ttl_ms)
             .await?;
         let mut snapshots = Vec::new();
+        // The cycle's byte budget (docs/design.md §6 step 1): segments are
+        // taken in queue order while their ingested bytes fit, and at least
+        // one; the locks of the rest are released at once and they wait for
+        // the next cycle, which runs without delay.
+        let mut budget_used = 0u64;
+        let mut over_budget: Vec<LoadRequest<'_>> = Vec::new();
         for (i, load) in loaded.into_iter().enumerate() {
             match load {
                 Loaded::Contended => outcome.contended += 1,
                 Loaded::Snapshot {
                     ingested_spans,
+                    ingested_bytes,
                     segment_id,
                     mut salts,
-                    ..
                 } => {
+                    let bytes = ingested_bytes.unwrap_or(0);
+                    if !snapshots.is_empty()
+                        && budget_used.saturating_add(bytes) > self.settings.max_flush_bytes
+                    {
+                        over_budget.push(LoadRequest {
+                            pt: candidates[i].pt.clone(),
+                            root: &candidates[i].root,
+                        });
+                        continue;
+                    }
+                    budget_used = budget_used.saturating_add(bytes);
                     salts.sort();
                     snapshots.push((i, ingested_spans, segment_id, salts));
                 }
             }
+        }
+        outcome.bytes_loaded = budget_used;
+        if !over_budget.is_empty() {
+            outcome.more_due = true;
+            outcome.over_budget = over_budget.len();
+            self.store.release_locks(&over_budget, &self.token).await?;
         }
         self.metrics
             .flush_lock_contention_total

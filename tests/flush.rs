@@ -52,6 +52,7 @@ both!(
     a_record_that_can_never_be_delivered_does_not_hold_back_the_others,
     a_partial_delivery_is_resent_under_the_same_flush_ids,
     a_flush_after_the_data_expired_counts_the_loss,
+    a_cycle_stays_within_its_byte_budget,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries
@@ -1354,4 +1355,63 @@ async fn a_flush_after_the_data_expired_counts_the_loss(backend: Backend) {
     // Conservation: 5 consumed = 0 flushed + 5 dropped, nothing buffered.
     assert_eq!(env.metrics.spans_consumed_total.get(), 5);
     assert_drained(&mut env).await;
+}
+
+/// Issue 12 item 10: a cycle loaded up to `SPANBUF_MAX_FLUSH_SEGMENTS`
+/// segments whatever their size, so the flusher's memory was bounded only
+/// by 500 × the segment limit. Now a cycle takes segments while their
+/// ingested bytes fit `SPANBUF_MAX_FLUSH_BYTES` (and at least one), releases
+/// the locks of the rest at once, and says more is due.
+async fn a_cycle_stays_within_its_byte_budget(backend: Backend) {
+    const BUDGET: u64 = 100_000;
+    let mut env = Env::start(backend, |c| c.buffer.max_flush_bytes = BUDGET).await;
+    let mut spans = Vec::new();
+    for t in 0..6u64 {
+        let t = trace(30 + t);
+        spans.push(TestSpan::new(&t, &id(1), None).filler(5000));
+        for n in 2..=8 {
+            spans.push(TestSpan::new(&t, &id(n), Some(&id(1))).filler(5000));
+        }
+    }
+    env.ingest(&spans, T0).await;
+    let flusher = env.flusher();
+    let sink = Collect::default();
+    let first = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("first cycle");
+    assert_eq!(
+        (first.segments_flushed, first.over_budget),
+        (2, 4),
+        "{first:?}"
+    );
+    assert!(first.more_due);
+    assert!(first.bytes_loaded <= BUDGET, "{first:?}");
+    // The locks of the segments left over were released: another flusher
+    // takes them at once.
+    let other = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("other flusher");
+    assert_eq!((other.contended, other.segments_flushed), (0, 2));
+    let mut cycles = 0;
+    loop {
+        let out = flusher
+            .flush_cycle(&[0], T0 + 100.0, &sink)
+            .await
+            .expect("cycle");
+        assert!(out.bytes_loaded <= BUDGET, "{out:?}");
+        cycles += 1;
+        if !out.more_due {
+            break;
+        }
+        assert!(cycles < 10, "the budget lets every cycle make progress");
+    }
+    let records = sink.take();
+    assert_eq!(records.len(), 6);
+    let delivered: usize = records.iter().map(|r| r.spans.len()).sum();
+    assert_eq!(delivered, 48);
+    assert_eq!(env.dropped("expired"), 0);
+    env.assert_only_redirects_left().await;
 }
