@@ -70,6 +70,17 @@ impl Engine {
         self.ingestor.ingest(spans, now).await
     }
 
+    /// Writes a window again after [`Engine::write`] failed on it (see
+    /// [`Ingestor::ingest_again`]: what the failed attempt wrote counts as
+    /// consumed now).
+    pub async fn write_again(
+        &self,
+        spans: &[ShardedSpan],
+        now: f64,
+    ) -> Result<IngestOutcome, IngestError> {
+        self.ingestor.ingest_again(spans, now).await
+    }
+
     /// One flush cycle over `shards` at clock `now`.
     pub async fn flush_cycle<S: Sink>(
         &self,

@@ -336,6 +336,37 @@ impl Flusher {
         Ok((segments, records, built_segments))
     }
 
+    /// Cleanup, retried on a transient error for up to half the lock TTL
+    /// (10 s without locks): the records are out, and a cleanup whose reply
+    /// was lost may have happened — giving up would skip this cycle's
+    /// accounting (and, had it not happened, deliver the segments again).
+    /// `flush_done` is idempotent: a second run removes and subtracts
+    /// nothing the first one did.
+    async fn finish_with_retries(
+        &self,
+        done: &[DoneRequest<'_>],
+    ) -> Result<Vec<crate::store::DoneReply>, FlushError> {
+        let give_up_at = std::time::Instant::now()
+            + match self.settings.lock_ttl_ms {
+                0 => std::time::Duration::from_secs(10),
+                ms => std::time::Duration::from_millis(ms / 2),
+            };
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            match self.store.finish_segments(done, &self.token).await {
+                Ok(replies) => return Ok(replies),
+                Err(err)
+                    if err.is_transient() && std::time::Instant::now() + backoff < give_up_at =>
+                {
+                    tracing::warn!(error = %err, retry_in = ?backoff, "cleanup after delivery failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
     async fn cycle<S: Sink>(
         &self,
         shards: &[u32],
@@ -565,7 +596,7 @@ impl Flusher {
                 .await?;
             fault::crash(fault::Point::DuringCleanup);
         }
-        let replies = self.store.finish_segments(&done, &self.token).await?;
+        let replies = self.finish_with_retries(&done).await?;
 
         // Accounting: loss is counted by the cleanup that removed the data.
         let mut chunked = 0u64;

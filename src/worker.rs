@@ -573,7 +573,14 @@ async fn write_window(
     let mut backoff = BACKOFF_START;
     let mut paused = false;
     loop {
-        match shared.engine.write(window.spans(), now).await {
+        // After a failed attempt the window may be in Redis all the same (a
+        // lost reply): the retry counts what it finds there as consumed.
+        let written = if paused {
+            shared.engine.write_again(window.spans(), now).await
+        } else {
+            shared.engine.write(window.spans(), now).await
+        };
+        match written {
             Ok(_) => break,
             Err(err) if err.is_transient() => {
                 shared.health.set_redis_ok(false);

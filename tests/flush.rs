@@ -53,6 +53,7 @@ both!(
     a_partial_delivery_is_resent_under_the_same_flush_ids,
     a_flush_after_the_data_expired_counts_the_loss,
     a_cycle_stays_within_its_byte_budget,
+    a_window_retried_after_a_lost_reply_counts_as_consumed,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries
@@ -1414,4 +1415,51 @@ async fn a_cycle_stays_within_its_byte_budget(backend: Backend) {
     assert_eq!(delivered, 48);
     assert_eq!(env.dropped("expired"), 0);
     env.assert_only_redirects_left().await;
+}
+
+/// Issue 12 item 9: a window whose write reached Redis but whose reply was
+/// lost (a dropped connection) is written again; the retry found every
+/// subsegment indexed and counted the spans as redelivered, the failed
+/// attempt counted nothing, so consumed stayed 0 while the flush delivered
+/// them (conservation off by the window). The retry now counts them as
+/// consumed.
+async fn a_window_retried_after_a_lost_reply_counts_as_consumed(backend: Backend) {
+    let mut env = Env::start(backend, |_| {}).await;
+    let t = trace(40);
+    let mut batch = Vec::new();
+    for n in 1..=6u64 {
+        let parent = (n > 1).then(|| id(1));
+        let span = TestSpan::new(&t, &id(n), parent.as_deref());
+        batch.push(spanbuf::ingest::ShardedSpan {
+            shard: 0,
+            span: spanbuf::span::decode_span(&span.json(), usize::MAX).expect("valid"),
+        });
+    }
+    let settings =
+        spanbuf::ingest::IngestSettings::from_config(&env.config.redis, &env.config.buffer);
+    // The first attempt is written, but its reply (and so its counts) never
+    // came back: its own metrics are thrown away.
+    let lost = spanbuf::ingest::Ingestor::new(
+        env.store.clone(),
+        settings.clone(),
+        std::sync::Arc::new(spanbuf::metrics::Metrics::new().expect("metrics")),
+    );
+    lost.ingest(&batch, T0).await.expect("first attempt");
+    let ingestor = spanbuf::ingest::Ingestor::new(env.store.clone(), settings, env.metrics.clone());
+    let retry = ingestor.ingest_again(&batch, T0).await.expect("retry");
+    assert_eq!((retry.spans, retry.spans_redelivered), (6, 0));
+    // A redelivery from Kafka (not a retry) is still a redelivery.
+    let again = ingestor.ingest(&batch, T0).await.expect("redelivered");
+    assert_eq!((again.spans, again.spans_redelivered), (0, 6));
+
+    let out = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &Collect::default())
+        .await
+        .expect("cycle");
+    assert_eq!(out.spans_flushed, 6);
+    // Conservation: consumed 6 = flushed 6, nothing dropped or buffered.
+    assert_eq!(env.metrics.spans_consumed_total.get(), 6);
+    assert_eq!(env.metrics.spans_flushed_total.get(), 6);
+    assert_drained(&mut env).await;
 }

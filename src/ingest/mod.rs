@@ -157,11 +157,33 @@ impl Ingestor {
     }
 
     /// Ingests one batch at clock `now` (epoch seconds). On `Err` nothing is
-    /// guaranteed to be written; retrying the same batch is safe.
+    /// guaranteed to be written; retrying the same batch is safe (with
+    /// [`Ingestor::ingest_again`]).
     pub async fn ingest(
         &self,
         batch: &[ShardedSpan],
         now: f64,
+    ) -> Result<IngestOutcome, IngestError> {
+        self.ingest_attempt(batch, now, false).await
+    }
+
+    /// Ingests a batch again after [`Ingestor::ingest`] (or this) failed on
+    /// it. The failed attempt may have been written all the same (its reply
+    /// was lost, or a later stage failed), so subsegments Redis already holds
+    /// count as consumed, not as redelivered: that attempt counted nothing.
+    pub async fn ingest_again(
+        &self,
+        batch: &[ShardedSpan],
+        now: f64,
+    ) -> Result<IngestOutcome, IngestError> {
+        self.ingest_attempt(batch, now, true).await
+    }
+
+    async fn ingest_attempt(
+        &self,
+        batch: &[ShardedSpan],
+        now: f64,
+        after_failed_attempt: bool,
     ) -> Result<IngestOutcome, IngestError> {
         if batch.is_empty() {
             return Ok(IngestOutcome::default());
@@ -222,7 +244,7 @@ impl Ingestor {
         };
         let keys = self.store.keys();
         for ((sub, write), reply) in subsegments.iter().zip(&writes).zip(&replies) {
-            if reply.redelivered {
+            if reply.redelivered && !after_failed_attempt {
                 outcome.spans_redelivered += sub.spans.len();
             } else {
                 outcome.spans += sub.spans.len();
