@@ -143,7 +143,21 @@ pub struct SpanbufContext {
     assignment: Arc<Assignment>,
 }
 
-impl ClientContext for SpanbufContext {}
+impl ClientContext for SpanbufContext {
+    /// librdkafka's error events, logged as rdkafka does by default, except
+    /// the end-of-partition events `enable.partition.eof` asks for: they are
+    /// the catch-up signal (`Assignment`), not errors, and came by the
+    /// thousand in a soak.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        {
+            tracing::debug!(%reason, "librdkafka: reached the end of a partition");
+            return;
+        }
+        tracing::error!("librdkafka: {error}: {reason}");
+    }
+}
 
 impl ConsumerContext for SpanbufContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
