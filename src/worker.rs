@@ -710,13 +710,17 @@ async fn forward_one(
                 ("too_large", e)
             }
             Err(e) if e.is_invalid_record() => ("rejected", e),
-            Err(_) if shared.sink.check_fatal().is_err() => return shared.sink.check_fatal(),
-            Err(e) if tokio::time::Instant::now() + backoff >= give_up_at => ("gave_up", e),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "dead-letter produce failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
+                // A fenced producer can never deliver: end the worker.
+                shared.sink.check_fatal()?;
+                if tokio::time::Instant::now() + backoff >= give_up_at {
+                    ("gave_up", e)
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "dead-letter produce failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
             }
         };
         shared
