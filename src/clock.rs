@@ -65,14 +65,16 @@ impl LiveClock {
         self.drift_ms.store(held - wall_ms(), Ordering::Relaxed);
     }
 
-    /// The staged input is in Redis (or was dropped): carry on from its
-    /// timestamp in wall time, not from the end of its handling.
-    pub fn release(&self) {
+    /// The staged input is in Redis (or was dropped, or cannot be written
+    /// yet): carry on from its timestamp in wall time, not from the end of
+    /// its handling. Whether the clock was held.
+    pub fn release(&self) -> bool {
         let held = self.hold_ms.swap(i64::MAX, Ordering::Relaxed);
         if held != i64::MAX {
             self.drift_ms
                 .store((held - wall_ms()).min(0), Ordering::Relaxed);
         }
+        held != i64::MAX
     }
 
     /// The clock a window whose oldest input timestamp is `oldest_ms` is

@@ -266,7 +266,7 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::MAX_REDIS_MEMORY_PERCENT,
         default: "90",
-        meaning: "hard backpressure: consumption pauses while Redis used_memory exceeds this percentage of maxmemory (flushing goes on); 0 disables",
+        meaning: "hard backpressure: consumption pauses before Redis used_memory could pass this percentage of maxmemory, keeping room for one coalescing window (flushing goes on); 0 disables",
     },
     VarDoc {
         name: var::MAX_LOOP_STALL_SECS,

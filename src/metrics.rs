@@ -67,6 +67,8 @@ pub struct Metrics {
     pub flush_lock_refreshes_total: IntCounter,
     /// Times this process found Redis had lost the buffer (the marker key gone or replaced).
     pub redis_data_loss_total: IntCounter,
+    /// Windows Redis refused as full (OOM at maxmemory) while the flush clock was held or a shard waited to catch up; the clock then runs on in wall time and every shard flushes.
+    pub redis_full_total: IntCounter,
     /// Records produced to the output topic and acknowledged by the broker.
     pub records_produced_total: IntCounter,
     /// Bytes of records acknowledged by the broker.
@@ -238,6 +240,7 @@ impl Metrics {
             backpressure_pauses_total: counter_vec(&r, "spanbuf_backpressure_pauses_total", "Times consumption was paused, by reason.", "reason")?,
             flush_lock_refreshes_total: counter(&r, "spanbuf_flush_lock_refreshes_total", "Flush-lock refreshes during slow deliveries (one per refresh round).")?,
             redis_data_loss_total: counter(&r, "spanbuf_redis_data_loss_total", "Times this process found Redis had lost the buffer (the marker key gone or replaced).")?,
+            redis_full_total: counter(&r, "spanbuf_redis_full_total", "Windows Redis refused as full (OOM at maxmemory) while the flush clock was held or a shard waited to catch up; the clock then runs on in wall time and every shard flushes.")?,
             records_produced_total: counter(&r, "spanbuf_records_produced_total", "Records produced to the output topic and acknowledged by the broker.")?,
             produced_bytes_total: counter(&r, "spanbuf_produced_bytes_total", "Bytes of records acknowledged by the broker.")?,
             produce_errors_total: counter_vec(&r, "spanbuf_produce_errors_total", "Records the broker refused or that timed out, by kind (delivery, encode, too_large, invalid).", "kind")?,

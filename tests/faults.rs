@@ -739,3 +739,105 @@ fn a_new_owner_does_not_flush_before_catching_up() {
     // End-of-partition events are the catch-up signal, not errors to log.
     assert!(!stderr.contains("PartitionEOF"), "{stderr}");
 }
+
+/// Issue 12 item 1, second half: hard backpressure read Redis memory every
+/// 2 s and paused only once a sample was over the threshold. In between the
+/// worker wrote window after window, pushed Redis past `maxmemory`, and the
+/// writes were refused as OOM (retried as "redis down", consumption stalled
+/// until flushing freed memory). Now the check keeps room for the next
+/// window and counts what was written since the sample, so it pauses first.
+#[test]
+fn hard_backpressure_engages_before_a_window_can_fill_redis() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let mut conn = redis.connection();
+    let info = |conn: &mut redis::Connection, field: &str| -> u64 {
+        let text: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(conn)
+            .expect("info");
+        spanbuf::store::info_field(&text, field)
+    };
+    // Room for about 12 MB of buffer, with 1 MiB windows: 48 MB of spans
+    // cannot be held at once, so consumption must pause and resume.
+    let maxmemory = info(&mut conn, "used_memory") + 12 * 1024 * 1024;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(maxmemory)
+        .query::<()>(&mut conn)
+        .expect("config set maxmemory");
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut conn)
+        .expect("config resetstat");
+
+    let mut lines = Lines::new();
+    let mut expected = BTreeMap::new();
+    for k in 0..30 {
+        let (part, part_expected) = spans(k * 100);
+        for (key, payload) in part {
+            let mut span: Value = serde_json::from_slice(&payload).expect("json");
+            span["description"] = "x".repeat(2000).into();
+            lines.push((key, serde_json::to_vec(&span).expect("json")));
+        }
+        expected.extend(part_expected);
+    }
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_ROOT_TIMEOUT_SECS", "2".into()),
+            ("SPANBUF_TIMEOUT_SECS", "4".into()),
+            ("SPANBUF_COMPRESSION_LEVEL", "-1".into()),
+            ("SPANBUF_WINDOW_MAX_BYTES", (1024 * 1024).to_string()),
+            ("SPANBUF_WINDOW_MAX_SPANS", "2000".into()),
+            ("SPANBUF_MAX_REDIS_MEMORY_PERCENT", "90".into()),
+        ],
+    );
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    // Every span delivered. Under a root timeout this short, a trace whose
+    // spans straddle a pause can go out as two segments (the root's flushed
+    // while its children waited in Kafka), so roots are not compared.
+    output.read_until(&expected, 0, Duration::from_secs(180));
+    wait_for("every queue empty", Duration::from_secs(60), || {
+        queued(&redis) == 0
+    });
+    output.read_quiet(Duration::from_secs(3), Duration::from_secs(30));
+    assert!(
+        output.spans.keys().eq(expected.keys()),
+        "every span delivered, nothing else"
+    );
+
+    let peak = info(&mut conn, "used_memory_peak");
+    eprintln!(
+        "peak {peak} max {maxmemory} pauses memory {:?} down {:?} flush bytes {:?}",
+        worker.metric("spanbuf_backpressure_pauses_total{reason=\"redis_memory\"}"),
+        worker.metric("spanbuf_backpressure_pauses_total{reason=\"redis_down\"}"),
+        worker.metric("spanbuf_segments_flushed_total"),
+    );
+    assert!(
+        worker
+            .metric("spanbuf_backpressure_pauses_total{reason=\"redis_memory\"}")
+            .is_some_and(|n| n >= 1.0),
+        "hard backpressure engaged"
+    );
+    assert_eq!(
+        worker
+            .metric("spanbuf_backpressure_pauses_total{reason=\"redis_down\"}")
+            .unwrap_or(0.0),
+        0.0,
+        "no write was refused (OOM)"
+    );
+    assert_eq!(worker.metric("spanbuf_redis_full_total"), Some(0.0));
+    let report = audit(&broker, &redis, &[&lines], &worker);
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    assert_eq!(report["conservation"]["dropped"], 0, "{report}");
+    eprintln!("wrong roots: {}", report["wrong_root"]);
+    let stderr = worker.stop_cleanly();
+    assert!(!stderr.contains("OOM"), "no write refused as OOM");
+}

@@ -39,6 +39,11 @@ impl IngestError {
             IngestError::Compress(_) => false,
         }
     }
+
+    /// Redis is full and refused the write (see [`StoreError::is_oom`]).
+    pub fn is_oom(&self) -> bool {
+        matches!(self, IngestError::Store(e) if e.is_oom())
+    }
 }
 
 /// A batch of raw messages after decoding (docs/design.md §5 step 1).

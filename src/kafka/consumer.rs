@@ -106,6 +106,23 @@ impl Assignment {
         }
     }
 
+    /// Marks every held partition caught up at once: Redis is full, the
+    /// backlog cannot come in before flushing frees memory, so waiting for
+    /// it would only stall (issue 12 item 1). Whether any was still waiting.
+    pub fn give_up_catching_up(&self) -> bool {
+        let mut guard = self.lock();
+        let mut any = false;
+        for (&partition, held) in guard.0.iter_mut().filter(|(_, h)| !h.caught_up) {
+            tracing::warn!(
+                partition,
+                "redis is full: flushing the partition's shard before catching up with it"
+            );
+            held.caught_up = true;
+            any = true;
+        }
+        any
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<i32, Held>, u64)> {
         // A poisoned lock only means a callback panicked mid-update; the map
         // itself is still a valid set of partitions.

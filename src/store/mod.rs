@@ -85,6 +85,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Redis refused a write because used memory is over `maxmemory`
+    /// (`maxmemory-policy noeviction`).
+    pub fn is_oom(&self) -> bool {
+        match self {
+            StoreError::Command { message, .. } => message.starts_with("OOM"),
+            StoreError::Redis { source, .. } => source.code() == Some("OOM"),
+            _ => false,
+        }
+    }
+
     /// Errors that a retry may cure (network, timeouts, a busy or restarting
     /// server). Script load failures and malformed replies are not transient.
     pub fn is_transient(&self) -> bool {

@@ -30,6 +30,8 @@ use rdkafka::consumer::CommitMode;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod memory;
+
 use crate::clock::{wall_ms, LiveClock};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -38,6 +40,7 @@ use crate::ingest::window::{PartitionMark, Window};
 use crate::ingest::ShardedSpan;
 use crate::kafka::consumer::{Consumed, InputConsumer};
 use crate::kafka::producer::KafkaSink;
+use memory::MemoryWatch;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
 use crate::span::InvalidSpan;
@@ -69,8 +72,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The least time a new partition's shard waits to be caught up with before
 /// it is flushed anyway.
 const CATCH_UP_LIMIT_MIN: Duration = Duration::from_secs(60);
-/// How often the hard backpressure check reads Redis memory.
-const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often the data-loss marker is checked.
+const MARKER_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// State shared by the loops.
 struct Shared {
@@ -220,8 +223,24 @@ async fn check_redis_memory(config: &Config, store: &Store) -> Result<(), Worker
     if !evicting.is_empty() {
         return Err(WorkerError::EvictingRedis(evicting.join("; ")));
     }
+    let percent = config.worker.max_redis_memory_percent;
+    let reserve = memory::window_cost(&crate::engine::window_bounds(config));
     for node in &nodes {
-        tracing::info!(maxmemory = node.maxmemory, policy = %node.policy, "redis memory settings");
+        let pause_at = MemoryWatch::pause_at(percent, reserve, node.maxmemory);
+        tracing::info!(
+            maxmemory = node.maxmemory,
+            policy = %node.policy,
+            window_reserve = reserve,
+            pauses_above = pause_at,
+            "redis memory settings"
+        );
+        if pause_at == Some(0) {
+            tracing::warn!(
+                maxmemory = node.maxmemory,
+                window_reserve = reserve,
+                "one coalescing window (SPANBUF_WINDOW_MAX_BYTES, SPANBUF_WINDOW_MAX_SPANS) needs more room than SPANBUF_MAX_REDIS_MEMORY_PERCENT of this maxmemory: consumption pauses whenever Redis holds anything; lower the window or raise maxmemory"
+            );
+        }
     }
     if nodes.iter().any(|n| n.maxmemory == 0) {
         tracing::warn!(
@@ -262,28 +281,16 @@ async fn connect_store(
 }
 
 /// Why consumption is paused, if it is.
-fn pause_reason(shared: &Shared, memory_ratio: Option<f64>) -> Option<&'static str> {
+fn pause_reason(shared: &Shared, memory: &MemoryWatch) -> Option<&'static str> {
     let w = &shared.config.worker;
     let lag_secs = shared.flush_lag_ms.load(Ordering::Relaxed) as f64 / 1000.0;
     if w.max_flush_lag_secs > 0 && lag_secs > w.max_flush_lag_secs as f64 {
         return Some("flush_lag");
     }
-    if let Some(ratio) = memory_ratio {
-        if w.max_redis_memory_percent > 0 && ratio * 100.0 > f64::from(w.max_redis_memory_percent) {
-            return Some("redis_memory");
-        }
+    if memory.over() {
+        return Some("redis_memory");
     }
     None
-}
-
-/// Highest used/maxmemory over the nodes that have a limit.
-async fn memory_ratio(store: &Store) -> Result<Option<f64>, StoreError> {
-    let nodes = store.memory().await?;
-    Ok(nodes
-        .iter()
-        .filter(|(_, max)| *max > 0)
-        .map(|(used, max)| *used as f64 / *max as f64)
-        .reduce(f64::max))
 }
 
 /// Watches the data-loss marker: a key spanbuf keeps in Redis (with the
@@ -345,8 +352,11 @@ async fn consume_loop(
     let mut window = Window::default();
     let mut carried: Vec<Consumed> = Vec::new();
     let mut paused_for: Option<&'static str> = None;
-    let mut memory: Option<f64> = None;
-    let mut memory_checked = Instant::now() - MEMORY_CHECK_EVERY;
+    let mut memory = MemoryWatch::new(
+        shared.config.worker.max_redis_memory_percent,
+        memory::window_cost(&bounds),
+    );
+    let mut marker_checked = Instant::now() - MARKER_CHECK_EVERY;
     let mut marker = DataLossMarker::new();
 
     // A newly assigned partition's shard is flushed only once what the
@@ -367,6 +377,7 @@ async fn consume_loop(
         // A due window goes to Redis first (also while paused: it is bounded,
         // and holding it would hold the clock).
         if window.is_due(&bounds, Instant::now()) {
+            memory.wrote(memory::written_cost(window.span_count(), window.bytes()));
             write_window(
                 &shared,
                 &consumer,
@@ -379,15 +390,21 @@ async fn consume_loop(
         }
 
         // Backpressure: pause, keep serving the group, resume when it clears.
-        if memory_checked.elapsed() >= MEMORY_CHECK_EVERY {
-            memory_checked = Instant::now();
-            match memory_ratio(&shared.store).await {
-                Ok(ratio) => memory = ratio,
-                Err(err) => tracing::warn!(error = %err, "reading redis memory"),
+        // Hard backpressure keeps room for the next window (worker/memory.rs).
+        if memory.check_due(Instant::now()) {
+            match shared.store.memory().await {
+                Ok(nodes) => memory.sampled(nodes, Instant::now()),
+                Err(err) => {
+                    memory.sample_failed(Instant::now());
+                    tracing::warn!(error = %err, "reading redis memory");
+                }
             }
+        }
+        if marker_checked.elapsed() >= MARKER_CHECK_EVERY {
+            marker_checked = Instant::now();
             marker.check(&shared).await;
         }
-        let reason = pause_reason(&shared, memory);
+        let reason = pause_reason(&shared, &memory);
         if reason != paused_for {
             if let Some(old) = paused_for {
                 set_backpressure(&shared, old, false);
@@ -584,6 +601,21 @@ async fn write_window(
             Ok(_) => break,
             Err(err) if err.is_transient() => {
                 shared.health.set_redis_ok(false);
+                if err.is_oom() {
+                    // Only flushing frees memory. A held clock lets nothing
+                    // newer than this window fall due, and a shard not caught
+                    // up is not flushed at all: both would wait for ever for
+                    // a window that waits for memory. Run the clock on in
+                    // wall time and flush every shard; segments this window
+                    // extends may go out without it (the price of a full
+                    // Redis; hard backpressure is there to avoid it).
+                    let held = shared.clock.release();
+                    let gated = consumer.assignment().give_up_catching_up();
+                    if held || gated {
+                        shared.metrics.redis_full_total.inc();
+                        tracing::warn!("redis is full (OOM): the flush clock runs on and every shard flushes while the window waits, so that flushing frees memory");
+                    }
+                }
                 if !paused {
                     tracing::warn!(error = %err, "redis unavailable; pausing consumption and retrying the window");
                     shared
