@@ -8,6 +8,9 @@ Purpose
   index and update the ic/ibc/hrs counters and the first-seen time. Detach the
   subsegment into a segment of its own (keyed by its salt) when it would push
   the segment over the byte limit or when the segment's flush lock is held.
+  Earlier segments rooted at the subsegment's spans are merged only while
+  the target stays within the byte limit; the rest stay segments of their
+  own, cut from the root (P:cut:), so no merge builds an unbounded segment.
   Re-inserting a salt that is already indexed is a no-op for the counters, so a
   redelivered batch does not inflate ic/ibc.
   The queue update happens outside (the queue lives in another slot); this
@@ -176,6 +179,7 @@ for i = FIRST_ID, #ARGV, PAGE do
     end
 end
 local child = {}
+local own_bytes = byte_count
 for i = 1, #found, PAGE do
     local keys = {}
     local last = math.min(i + PAGE - 1, #found)
@@ -193,15 +197,14 @@ for i = 1, #found, PAGE do
             c.ibc = values[k + 1] and tonumber(values[k + 1])
             c.fs = values[k + 3] and tonumber(values[k + 3])
             child[#child + 1] = c
-            byte_count = byte_count + (c.ibc or 0)
         end
     end
 end
 
--- 6. Detach decision. A new, empty target has nothing to be cut from, so size
---    alone never detaches it.
+-- 6. Detach decision, on the subsegment's own bytes. A new, empty target has
+--    nothing to be cut from, so size alone never detaches it.
 local detach = 0
-if max_bytes > 0 and target_ibc > 0 and target_ibc + byte_count > max_bytes then
+if max_bytes > 0 and target_ibc > 0 and target_ibc + own_bytes > max_bytes then
     detach = 1
 elseif check_lock and target_locked then
     detach = 2
@@ -220,10 +223,20 @@ end
 local target_mk = mk_key(target)
 
 -- 7. Merge children that were segment roots: index, counters, first-seen.
+--    Only as many as the byte limit allows: a child segment that does not
+--    fit stays a segment of its own, cut from the root (its record carries
+--    the root's id), so merging many large children never builds a segment
+--    over the limit. The redirects already send its later descendants to
+--    the root.
 local merged = {}
 local fs_changed = new_segment
 for _, c in ipairs(child) do
     local seg = segment_key(c.id)
+    if c.ic and max_bytes > 0 and (c.ibc or 0) > 0
+        and ibc + byte_count + c.ibc > max_bytes then
+        redis.call("SET", meta_key("cut", seg), root, "EX", ttl)
+        c.ic, c.ibc = nil, nil
+    end
     if c.ic then
         local child_mk = mk_key(c.id)
         local cursor = "0"
@@ -242,6 +255,7 @@ for _, c in ipairs(child) do
     end
     if c.ibc then
         redis.call("DEL", meta_key("ibc", seg))
+        byte_count = byte_count + c.ibc
     end
 end
 

@@ -25,6 +25,7 @@
 //! - [`store`]: the only code that talks to Redis: key layout (Sentry
 //!   compatible), Lua scripts, pipelined stages over standalone or cluster.
 //! - [`metrics`]: every exported metric, declared once.
+//! - [`process`]: what this process used (peak RSS), for bench and replay.
 //! - [`kafka`]: the producer that delivers records (a [`sink::Sink`]) and
 //!   dead-letter messages, awaiting every acknowledgement; the input consumer.
 //! - [`http`]: `/metrics`, `/health` (loops progressing) and `/ready`
@@ -51,6 +52,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod kafka;
 pub mod metrics;
+pub mod process;
 pub mod replay;
 pub mod sink;
 pub mod span;

@@ -329,6 +329,10 @@ async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
         drain: !args.no_drain,
     };
     let summary: ReplaySummary = spanbuf::replay::replay(&config, &options).await?;
+    tracing::info!(
+        peak_rss_bytes = spanbuf::process::peak_rss_bytes(),
+        "replay finished"
+    );
     eprintln!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }

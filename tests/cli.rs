@@ -212,3 +212,99 @@ fn run_refuses_an_evicting_redis_and_warns_without_maxmemory() {
     assert!(stderr.contains("redis has no maxmemory"), "{stderr}");
     assert!(stderr.contains("redis memory settings"), "{stderr}");
 }
+
+/// Issue 12 item 10: memory stays bounded whatever the segments. A parent
+/// arriving after 60 child segments of 900 kB each (their spans came first)
+/// used to merge them all into one 54 MB segment, loaded and turned into
+/// records by one flush. With children merged only up to
+/// `SPANBUF_MAX_SEGMENT_BYTES` and a cycle byte budget, `spanbuf replay`
+/// holds a few segments at a time; its peak RSS (logged at the end) shows it.
+#[test]
+fn replay_memory_stays_bounded_with_many_large_child_segments() {
+    let server = support::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("spans.ndjson");
+    let trace = format!("{:032x}", 0xbead_u64);
+    let id = |n: u64| format!("{:016x}", n);
+    let span = |span: u64, parent: Option<u64>, filler: usize| {
+        let parent = parent.map_or("null".to_owned(), |p| format!("\"{}\"", id(p)));
+        format!(
+            r#"{{"trace_id":"{trace}","span_id":"{}","parent_span_id":{parent},"project_id":1,"description":"{}"}}"#,
+            id(span),
+            "x".repeat(filler)
+        )
+    };
+    // Batches of 61 lines: 9 of grandchildren (9 per child, 100 kB each,
+    // padded with small spans of another trace), then the root with its 60
+    // children in one batch of their own.
+    let mut lines = Vec::new();
+    for c in 0..60u64 {
+        for g in 0..9u64 {
+            lines.push(span(0x10000 + c * 16 + g, Some(0x100 + c), 100_000));
+        }
+    }
+    let other = format!("{:032x}", 0xfeed_u64);
+    let mut n = 0u64;
+    while lines.len() % 61 != 0 {
+        n += 1;
+        lines.push(format!(
+            r#"{{"trace_id":"{other}","span_id":"{}","parent_span_id":null,"project_id":1}}"#,
+            id(0x90000 + n)
+        ));
+    }
+    lines.push(span(1, None, 0));
+    for c in 0..60u64 {
+        lines.push(span(0x100 + c, Some(1), 0));
+    }
+    std::fs::write(&input, lines.join("\n")).expect("write input");
+    let output = dir.path().join("records.ndjson");
+    let out = spanbuf(
+        &[
+            "replay",
+            "--input",
+            input.to_str().expect("utf-8 path"),
+            "--output",
+            output.to_str().expect("utf-8 path"),
+            "--batch-size",
+            "61",
+        ],
+        &[
+            ("SPANBUF_REDIS_URL", &server.url()),
+            ("SPANBUF_MAX_SEGMENT_BYTES", "1048576"),
+            ("SPANBUF_MAX_FLUSH_BYTES", "4194304"),
+            ("SPANBUF_LOG_LEVEL", "info"),
+            ("SPANBUF_LOG_FORMAT", "json"),
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{}",
+        &stderr[stderr.len().saturating_sub(2000)..]
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().expect("a summary line"))
+            .expect("summary is json");
+    assert_eq!(summary["spans_out"], lines.len() as u64, "{summary}");
+    assert_eq!(summary["spans_dropped"], 0, "{summary}");
+    let peak = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|l| l["fields"]["peak_rss_bytes"].as_u64())
+        .expect("the peak RSS is logged");
+    // Every record claims the root, however the segment was split.
+    let records = std::fs::read_to_string(&output).expect("output written");
+    let mut largest = 0;
+    for line in records.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("record is json");
+        if record["trace_id"] == trace {
+            assert_eq!(record["segment_id"], id(1));
+        }
+        largest = largest.max(line.len());
+    }
+    eprintln!("peak rss {peak} bytes, largest record {largest} bytes");
+    assert!(
+        peak < 100 * 1024 * 1024,
+        "54 MB of spans, peak RSS {peak} bytes"
+    );
+}

@@ -753,10 +753,7 @@ fn hard_backpressure_engages_before_a_window_can_fill_redis() {
     topics(&broker);
     let mut conn = redis.connection();
     let info = |conn: &mut redis::Connection, field: &str| -> u64 {
-        let text: String = redis::cmd("INFO")
-            .arg("memory")
-            .query(conn)
-            .expect("info");
+        let text: String = redis::cmd("INFO").arg("memory").query(conn).expect("info");
         spanbuf::store::info_field(&text, field)
     };
     // Room for about 12 MB of buffer, with 1 MiB windows: 48 MB of spans

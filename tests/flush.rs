@@ -54,6 +54,7 @@ both!(
     a_flush_after_the_data_expired_counts_the_loss,
     a_cycle_stays_within_its_byte_budget,
     a_window_retried_after_a_lost_reply_counts_as_consumed,
+    merging_children_stays_within_the_segment_limit,
 );
 
 /// Collects delivered records; fails the first `fail_first` deliveries
@@ -1462,4 +1463,68 @@ async fn a_window_retried_after_a_lost_reply_counts_as_consumed(backend: Backend
     assert_eq!(env.metrics.spans_consumed_total.get(), 6);
     assert_eq!(env.metrics.spans_flushed_total.get(), 6);
     assert_drained(&mut env).await;
+}
+
+/// Issue 12 item 10: a parent arriving after many large child segments
+/// merged all of them, since only the subsegment could detach and an empty
+/// target never did: here 6 children of 1 kB under a 4 KiB limit became one
+/// segment of 6.6 kB (100 children of 9 MiB would make one of 900 MiB, loaded
+/// whole by one flush). Now children merge only while the segment stays
+/// within the limit; the others stay segments of their own, cut from the
+/// root, so every record still carries the root's id.
+async fn merging_children_stays_within_the_segment_limit(backend: Backend) {
+    const LIMIT: u64 = 4096;
+    let mut env = Env::start(backend, |c| {
+        c.buffer.max_segment_bytes = LIMIT;
+        c.buffer.max_span_bytes = LIMIT;
+    })
+    .await;
+    let t = trace(50);
+    // The grandchildren first: each starts a segment rooted at its parent.
+    for n in 2..=7u64 {
+        let grandchild = TestSpan::new(&t, &id(0x100 + n), Some(&id(n))).filler(1000);
+        env.ingest(&[grandchild], T0).await;
+    }
+    // Then the root with its six children, in one window.
+    let mut batch = vec![TestSpan::new(&t, &id(1), None)];
+    for n in 2..=7u64 {
+        batch.push(TestSpan::new(&t, &id(n), Some(&id(1))));
+    }
+    env.ingest(&batch, T0 + 1.0).await;
+    let pt = batch[0].pt();
+    let segments = env.inspect.segments(&pt).await;
+    assert!(segments.len() > 1, "not all merged: {segments:?}");
+    for seg_id in segments.keys() {
+        let key = env.keys().segment(&pt, seg_id);
+        let ibc: u64 = env
+            .inspect
+            .get(&env.keys().ingested_bytes(&key))
+            .await
+            .map_or(0, |v| v.parse().expect("ibc is a number"));
+        assert!(ibc <= LIMIT, "segment {seg_id} holds {ibc} bytes");
+        if *seg_id != id(1) {
+            assert_eq!(
+                env.inspect.get(&env.keys().cut_from(&key)).await.as_deref(),
+                Some(id(1).as_str()),
+                "a child left unmerged is cut from the root"
+            );
+        }
+    }
+
+    let flusher = env.flusher();
+    let sink = Collect::default();
+    let out = flusher
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("cycle");
+    assert!(!out.more_due, "{out:?}");
+    let records = sink.take();
+    assert!(records.len() >= segments.len(), "one record or more each");
+    let delivered: usize = records.iter().map(|r| r.spans.len()).sum();
+    assert_eq!(delivered, 13);
+    for record in &records {
+        assert_eq!(record.segment_id, id(1), "every part under the root");
+    }
+    assert_eq!(env.dropped("expired"), 0);
+    env.assert_only_redirects_left().await;
 }

@@ -40,11 +40,11 @@ use crate::ingest::window::{PartitionMark, Window};
 use crate::ingest::ShardedSpan;
 use crate::kafka::consumer::{Consumed, InputConsumer};
 use crate::kafka::producer::KafkaSink;
-use memory::MemoryWatch;
 use crate::kafka::KafkaError;
 use crate::metrics::Metrics;
 use crate::span::InvalidSpan;
 use crate::store::{Store, StoreError};
+use memory::MemoryWatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
