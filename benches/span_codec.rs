@@ -223,6 +223,7 @@ fn bench_records(c: &mut Criterion) {
             trace_id: &trace_id,
             payloads,
             flush_seed: seed.as_bytes(),
+            delivered: "",
         };
         let built = build_records(&input, MAX_SEGMENT_BYTES);
         assert_eq!((built.records.len(), built.spans), (1, *n));

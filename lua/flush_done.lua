@@ -31,10 +31,21 @@ ARGV
   3  flusher token
   4  spans of the snapshot that could not be loaded (already counted as
      dropped); subtracted from ic once, by the cleanup that removes salts
-  5  number of delivered salts S
-  6 .. 5+3S   triples: salt, span count, byte count (what its payload set held)
-  6+3S ..     span ids of the delivered spans (their redirects are deleted
-              when the segment is deleted)
+  5  TTL in seconds of the trace's delivered record; 0 = keep none
+  6  number of delivered salts S
+  7 .. 6+3S   triples: salt, span count, byte count (what its payload set held)
+  7+3S ..     span ids of the delivered spans (their redirects are deleted
+              when the segment is deleted; they are appended to the
+              delivered record)
+
+The delivered record (spanbuf's own)
+  "P:dl:{pt}": the span ids the trace delivered, each followed by a comma,
+  living the given TTL from the trace's first delivery (extended by later
+  ones). A span read again from Kafka after its segment was flushed (a
+  worker that crashed before committing) is ingested afresh; flush_load
+  returns this record and the flusher counts such spans as duplicates
+  instead of delivering them again under another flush_id. Written only by
+  the cleanup that removed salts, so a repeated cleanup appends nothing.
 
 Returns a flat array
   [1] 1 if the segment's keys were deleted (nothing else remained), else 0
@@ -47,8 +58,9 @@ local prefix = ARGV[1]
 local root = ARGV[2]
 local token = ARGV[3]
 local unloaded = tonumber(ARGV[4])
-local num_salts = tonumber(ARGV[5])
-local FIRST_SALT = 6
+local delivered_ttl = tonumber(ARGV[5])
+local num_salts = tonumber(ARGV[6])
+local FIRST_SALT = 7
 local FIRST_SPAN = FIRST_SALT + 3 * num_salts
 local PAGE = 1000
 
@@ -79,6 +91,21 @@ for i = FIRST_SALT, FIRST_SPAN - 1, 3 do
 end
 if #removed > 0 then
     spans = spans + unloaded
+end
+
+-- The delivered record: one SET for a trace's first delivery, APPEND and
+-- EXPIRE after that.
+if #removed > 0 and delivered_ttl > 0 and #ARGV >= FIRST_SPAN then
+    local parts = {}
+    for i = FIRST_SPAN, #ARGV do
+        parts[#parts + 1] = ARGV[i]
+    end
+    local ids = table.concat(parts, ",") .. ","
+    local dl_key = prefix .. ":dl:" .. tag
+    if not redis.call("SET", dl_key, ids, "EX", delivered_ttl, "NX") then
+        redis.call("APPEND", dl_key, ids)
+        redis.call("EXPIRE", dl_key, delivered_ttl)
+    end
 end
 
 local deleted = 0

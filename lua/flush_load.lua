@@ -35,7 +35,10 @@ Returns a flat array
   [4] segment id the spans claim: the root, or for a detached segment the
       root it was cut from, followed through the redirect map to its current
       root
-  [5..] salts of the member-keys index
+  [5] the trace's delivered record "P:dl:{pt}": span ids delivered by
+      earlier flushes, each followed by a comma ("" when there is none);
+      spans among them are duplicates of a delivery already made
+  [6..] salts of the member-keys index
 ]]
 
 local pt = KEYS[1]
@@ -61,7 +64,8 @@ if lock_ttl_ms > 0 then
     end
 end
 
-local meta = redis.call("MGET", meta_key("ic"), meta_key("ibc"), meta_key("cut"))
+local meta = redis.call("MGET", meta_key("ic"), meta_key("ibc"), meta_key("cut"),
+    prefix .. ":dl:" .. tag)
 local ic = tonumber(meta[1] or "-1")
 local ibc = tonumber(meta[2] or "-1")
 
@@ -79,7 +83,7 @@ if cut then
     end
 end
 
-local result = { 1, ic, ibc, segment_id }
+local result = { 1, ic, ibc, segment_id, meta[4] or "" }
 local salts = redis.call("SMEMBERS", prefix .. ":mk:" .. tag .. ":" .. root)
 for i = 1, #salts do
     result[#result + 1] = salts[i]

@@ -264,6 +264,7 @@ mod tests {
                 trace_id: "0123456789abcdef0123456789abcdef",
                 payloads: &payloads,
                 flush_seed: seed,
+                delivered: "",
             },
             usize::MAX,
         );

@@ -71,6 +71,7 @@ mod var {
     pub const MAX_SPAN_BYTES: &str = "SPANBUF_MAX_SPAN_BYTES";
     pub const MAX_FLUSH_SEGMENTS: &str = "SPANBUF_MAX_FLUSH_SEGMENTS";
     pub const MAX_FLUSH_BYTES: &str = "SPANBUF_MAX_FLUSH_BYTES";
+    pub const DELIVERED_TTL_SECS: &str = "SPANBUF_DELIVERED_TTL_SECS";
     pub const COMPRESSION_LEVEL: &str = "SPANBUF_COMPRESSION_LEVEL";
     pub const FLUSH_LOCK_TTL_SECS: &str = "SPANBUF_FLUSH_LOCK_TTL_SECS";
     pub const OUTPUT_CODEC: &str = "SPANBUF_OUTPUT_CODEC";
@@ -234,6 +235,11 @@ pub const VARIABLES: &[VarDoc] = &[
         meaning: "byte budget of one flush cycle: segments (by ingested bytes) loaded at once, at least one (at least 1024)",
     },
     VarDoc {
+        name: var::DELIVERED_TTL_SECS,
+        default: "120",
+        meaning: "how long a trace remembers the span ids it delivered, so that spans read again from Kafka after their segment was flushed (a worker crash before its commit) count as duplicates instead of going out again under another flush_id; 0 disables",
+    },
+    VarDoc {
         name: var::SEGMENT_PAGE_SIZE,
         default: "100",
         meaning: "SSCAN COUNT when loading a segment's payload sets (1 to 100000)",
@@ -339,6 +345,7 @@ fn expected(name: &str) -> &'static str {
         var::SLICE_ID => "expected a whole number from 0 to 4294967295, or empty for none",
         var::SEGMENT_PAGE_SIZE => "expected a whole number from 1 to 100000 (e.g. 100)",
         var::MAX_FLUSH_BYTES => "expected a whole number of bytes, at least 1024 (e.g. 67108864)",
+        var::DELIVERED_TTL_SECS => "expected a whole number of seconds, 0 (off) or more (e.g. 120)",
         var::FLUSH_INTERVAL_MS => "expected a whole number of milliseconds from 10 to 60000 (e.g. 500)",
         var::MAX_FLUSH_LAG_SECS => "expected a whole number of seconds, 0 to disable (e.g. 30)",
         var::WINDOW_MAX_SPANS => "expected a whole number from 1 to 1000000 (e.g. 20000)",
@@ -598,6 +605,11 @@ pub struct BufferConfig {
     /// default, so the flusher's memory stays bounded whatever the segment
     /// sizes.
     pub max_flush_bytes: u64,
+    /// `SPANBUF_DELIVERED_TTL_SECS`: lifetime of a trace's record of
+    /// delivered span ids (`P:dl:{pt}`), seconds, 0 = no record; 120 by
+    /// default. Spans read again within it after their segment was flushed
+    /// are counted as duplicates at flush.
+    pub delivered_ttl_secs: u64,
 }
 
 impl Default for BufferConfig {
@@ -615,6 +627,7 @@ impl Default for BufferConfig {
             slice_id: None,
             segment_page_size: 100,
             max_flush_bytes: 64 * 1024 * 1024,
+            delivered_ttl_secs: 120,
         }
     }
 }
@@ -1071,6 +1084,7 @@ impl Config {
             }
             var::SEGMENT_PAGE_SIZE => b.segment_page_size = num(value)?,
             var::MAX_FLUSH_BYTES => b.max_flush_bytes = num(value)?,
+            var::DELIVERED_TTL_SECS => b.delivered_ttl_secs = num(value)?,
             var::FLUSH_INTERVAL_MS => self.worker.flush_interval_ms = num(value)?,
             var::MAX_FLUSH_LAG_SECS => self.worker.max_flush_lag_secs = num(value)?,
             var::WINDOW_MAX_SPANS => self.worker.window_max_spans = num(value)?,
@@ -1255,6 +1269,11 @@ impl Config {
             b.max_flush_bytes >= 1024,
             b.max_flush_bytes,
         );
+        c.require(
+            var::DELIVERED_TTL_SECS,
+            b.delivered_ttl_secs <= MAX_REDIS_TTL_SECS,
+            b.delivered_ttl_secs,
+        );
         let w = &self.worker;
         c.require(
             var::FLUSH_INTERVAL_MS,
@@ -1414,6 +1433,7 @@ impl Config {
                 b.slice_id.map(|id| id.to_string()).unwrap_or_default(),
             ),
             (var::MAX_FLUSH_BYTES, b.max_flush_bytes.to_string()),
+            (var::DELIVERED_TTL_SECS, b.delivered_ttl_secs.to_string()),
             (var::SEGMENT_PAGE_SIZE, b.segment_page_size.to_string()),
             (
                 var::WINDOW_MAX_SPANS,

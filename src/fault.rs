@@ -11,6 +11,8 @@
 //!   cycle's segments were cleaned up).
 //! - `SPANBUF_FAULT_DELIVER_DELAY_MS=N`: every delivery waits N ms first (a
 //!   slow broker).
+//! - `SPANBUF_FAULT_NO_COMMIT=1`: the worker never commits offsets (as if it
+//!   crashed after every write to Redis, before its commit).
 
 /// Where in a flush cycle a fault can be injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +82,25 @@ pub fn deliver_delay() -> Option<std::time::Duration> {
     None
 }
 
+/// Whether offset commits are switched off: the worker writes windows to
+/// Redis and never commits them, like one that crashes after each write,
+/// so its successor reads everything again.
+#[cfg(feature = "fault-points")]
+pub fn no_commit() -> bool {
+    std::env::var("SPANBUF_FAULT_NO_COMMIT").is_ok_and(|v| v == "1")
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn no_commit() -> bool {
+    false
+}
+
 /// Whether `name` is a fault variable this build understands.
 pub fn is_fault_var(name: &str) -> bool {
     cfg!(feature = "fault-points")
         && matches!(
             name,
-            "SPANBUF_FAULT_POINT" | "SPANBUF_FAULT_DELIVER_DELAY_MS"
+            "SPANBUF_FAULT_POINT" | "SPANBUF_FAULT_DELIVER_DELAY_MS" | "SPANBUF_FAULT_NO_COMMIT"
         )
 }

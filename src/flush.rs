@@ -45,6 +45,8 @@ pub struct FlushSettings {
     pub page_size: usize,
     /// `SPANBUF_MAX_FLUSH_BYTES`: the cycle's byte budget.
     pub max_flush_bytes: u64,
+    /// `SPANBUF_DELIVERED_TTL_SECS`: lifetime of the delivered record; 0 = off.
+    pub delivered_ttl_secs: u64,
     /// Bound on one payload member's decompressed size
     /// ([`crate::span::compress::max_member_bytes`]).
     pub max_member_bytes: usize,
@@ -64,6 +66,7 @@ impl FlushSettings {
                 .unwrap_or(usize::MAX),
             page_size: config.buffer.segment_page_size,
             max_flush_bytes: config.buffer.max_flush_bytes,
+            delivered_ttl_secs: config.buffer.delivered_ttl_secs,
             max_member_bytes: crate::span::compress::max_member_bytes(
                 usize::try_from(config.buffer.max_span_bytes).unwrap_or(usize::MAX),
                 usize::try_from(batch_bytes.max(config.buffer.max_segment_bytes))
@@ -148,13 +151,16 @@ struct Candidate {
 
 /// A locked segment's snapshot: candidate index, `ic`, segment id, sorted
 /// salts.
-type Snapshot = (usize, Option<u64>, String, Vec<String>);
+/// (candidate, ingested spans, segment id, delivered record, sorted salts).
+type Snapshot = (usize, Option<u64>, String, String, Vec<String>);
 
 /// A loaded segment, ready to build.
 struct LoadedSegment {
     candidate: usize,
     segment_id: String,
     ingested_spans: Option<u64>,
+    /// The trace's delivered record (span ids, each followed by a comma).
+    delivered: String,
     /// Sorted salts of the snapshot, with what their payload sets held.
     salts: Vec<DeliveredSalt>,
     payloads: Vec<Bytes>,
@@ -265,7 +271,7 @@ impl Flusher {
     > {
         let sets: Vec<(String, String)> = snapshots
             .iter()
-            .flat_map(|(i, _, _, salts)| {
+            .flat_map(|(i, _, _, _, salts)| {
                 salts.iter().map(|s| (candidates[*i].pt.clone(), s.clone()))
             })
             .collect();
@@ -276,11 +282,12 @@ impl Flusher {
             .into_iter();
 
         let mut segments = Vec::with_capacity(snapshots.len());
-        for (candidate, ingested_spans, segment_id, salts) in snapshots {
+        for (candidate, ingested_spans, segment_id, delivered, salts) in snapshots {
             let mut seg = LoadedSegment {
                 candidate,
                 segment_id,
                 ingested_spans,
+                delivered,
                 salts: Vec::with_capacity(salts.len()),
                 payloads: Vec::new(),
                 unreadable: 0,
@@ -326,6 +333,7 @@ impl Flusher {
                     trace_id: &c.trace_id,
                     payloads: &seg.payloads,
                     flush_seed: &seed,
+                    delivered: &seg.delivered,
                 },
                 self.settings.max_segment_bytes,
             );
@@ -353,7 +361,11 @@ impl Flusher {
             };
         let mut backoff = std::time::Duration::from_millis(100);
         loop {
-            match self.store.finish_segments(done, &self.token).await {
+            match self
+                .store
+                .finish_segments(done, &self.token, self.settings.delivered_ttl_secs)
+                .await
+            {
                 Ok(replies) => return Ok(replies),
                 Err(err)
                     if err.is_transient() && std::time::Instant::now() + backoff < give_up_at =>
@@ -466,6 +478,7 @@ impl Flusher {
                     ingested_spans,
                     ingested_bytes,
                     segment_id,
+                    delivered,
                     mut salts,
                 } => {
                     let bytes = ingested_bytes.unwrap_or(0);
@@ -480,7 +493,7 @@ impl Flusher {
                     }
                     budget_used = budget_used.saturating_add(bytes);
                     salts.sort();
-                    snapshots.push((i, ingested_spans, segment_id, salts));
+                    snapshots.push((i, ingested_spans, segment_id, delivered, salts));
                 }
             }
         }
@@ -592,7 +605,11 @@ impl Flusher {
             .collect();
         if fault::armed(fault::Point::DuringCleanup) && done.len() > 1 {
             self.store
-                .finish_segments(&done[..done.len() / 2], &self.token)
+                .finish_segments(
+                    &done[..done.len() / 2],
+                    &self.token,
+                    self.settings.delivered_ttl_secs,
+                )
                 .await?;
             fault::crash(fault::Point::DuringCleanup);
         }

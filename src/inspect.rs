@@ -204,7 +204,7 @@ impl Tally {
                 Some(KeyFamily::MemberKeys) => self.segment_indexes += 1,
                 Some(KeyFamily::Redirects) => self.redirect_maps += 1,
                 Some(KeyFamily::FlushLock) => self.flush_locks += 1,
-                Some(KeyFamily::SegmentMeta | KeyFamily::Marker) => {}
+                Some(KeyFamily::SegmentMeta | KeyFamily::Marker | KeyFamily::Delivered) => {}
                 Some(KeyFamily::Other) | None => self.other_keys += 1,
             }
         }

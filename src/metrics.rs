@@ -223,7 +223,7 @@ impl Metrics {
             ingest_payload_bytes_total: counter_vec(&r, "spanbuf_ingest_payload_bytes_total", "Span payload bytes ingested, by kind (raw = as received, stored = after compression).", "kind")?,
             ingest_batch_duration_seconds: histogram(&r, "spanbuf_ingest_batch_duration_seconds", "Time to write one batch to Redis (grouping, compression, insert, queue update).", latency_buckets())?,
             spans_flushed_total: counter(&r, "spanbuf_spans_flushed_total", "Spans in delivered records.")?,
-            spans_duplicate_total: counter(&r, "spanbuf_spans_duplicate_total", "Duplicate spans (same span id in one segment) removed at flush.")?,
+            spans_duplicate_total: counter(&r, "spanbuf_spans_duplicate_total", "Duplicate spans removed at flush: the same span id twice in one segment, or a span the trace delivered before (read again after its flush).")?,
             spans_dropped_total: counter_vec(&r, "spanbuf_spans_dropped_total", "Spans ingested but not delivered, by reason (expired = payload gone from Redis, unreadable = corrupt or foreign data, too_large = a record larger than the output accepts, unencodable = not encodable with the output codec).", "reason")?,
             segments_flushed_total: counter(&r, "spanbuf_segments_flushed_total", "Segments delivered and cleaned up.")?,
             segments_empty_total: counter(&r, "spanbuf_segments_empty_total", "Due queue entries with no data behind them (stale entries), cleaned up.")?,

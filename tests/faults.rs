@@ -287,7 +287,7 @@ fn broker_unresponsive_during_produce_then_back() {
             .metric("spanbuf_flush_failures_total{stage=\"sink\"}")
             .unwrap_or(0.0)
     };
-    wait_for("failed deliveries", Duration::from_secs(60), || {
+    wait_for("failed deliveries", Duration::from_secs(120), || {
         failures() >= 2.0
     });
     assert!(queued(&redis) > 0, "undelivered segments stay buffered");
@@ -837,4 +837,49 @@ fn hard_backpressure_engages_before_a_window_can_fill_redis() {
     eprintln!("wrong roots: {}", report["wrong_root"]);
     let stderr = worker.stop_cleanly();
     assert!(!stderr.contains("OOM"), "no write refused as OOM");
+}
+
+/// Issue 12 item 14: a worker that wrote windows to Redis and died before
+/// committing them leaves its successor to read them again. When their
+/// segments were flushed in between, the spans were ingested afresh and
+/// delivered a second time under other flush_ids (the chaos run's
+/// duplicates). Here worker A never commits (the test-only
+/// `SPANBUF_FAULT_NO_COMMIT`) and flushes everything; worker B reads it all
+/// again. The trace's delivered record makes B count every span as a
+/// duplicate and deliver nothing twice.
+#[test]
+fn spans_read_again_after_their_flush_are_not_delivered_twice() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let (lines, expected) = spans(0);
+    let mut a = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_FAULT_NO_COMMIT", "1".into()),
+        ],
+    );
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, Some(&redis));
+    a.stop_cleanly();
+    let first = output.records;
+
+    let mut b = Worker::start_with(&broker, &[("SPANBUF_REDIS_URL", redis.url())]);
+    wait_consumed(&b, 800.0);
+    wait_for("B's flushes", Duration::from_secs(60), || {
+        queued(&redis) == 0 && b.metric("spanbuf_spans_duplicate_total") == Some(800.0)
+    });
+    // `Output` panics on a span delivered again under another flush_id.
+    output.read_quiet(Duration::from_secs(3), Duration::from_secs(30));
+    assert_eq!(output.records, first, "B delivered nothing again");
+    assert_eq!(b.metric("spanbuf_spans_flushed_total"), Some(0.0));
+    let report = audit(&broker, &redis, &[&lines], &b);
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    assert_eq!(report["conservation"]["consumed"], 800, "{report}");
+    assert_eq!(report["conservation"]["duplicate"], 800, "{report}");
+    b.stop_cleanly();
 }

@@ -77,6 +77,7 @@ fn segment(trace: u64, spans: u64, filler: usize, max_segment_bytes: usize) -> V
             trace_id: &trace_id,
             payloads: &payloads,
             flush_seed: seed.as_bytes(),
+            delivered: "",
         },
         max_segment_bytes,
     );

@@ -140,6 +140,9 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
             segments: queued,
         });
     }
+    // The same workload again: its traces' delivered records from an earlier
+    // run would turn every span into a duplicate.
+    store.forget_delivered().await?;
     let metrics = Arc::new(Metrics::new().map_err(|e| BenchError::Other(e.to_string()))?);
     let sink = if options.kafka {
         let kafka = KafkaSink::new(config, metrics.clone())?;

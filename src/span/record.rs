@@ -187,6 +187,9 @@ pub struct SegmentPayloads<'a> {
     /// Deterministic identity of the buffered data being flushed (the flusher
     /// passes segment key + sorted salts).
     pub flush_seed: &'a [u8],
+    /// Span ids the trace delivered in earlier flushes, each followed by a
+    /// comma (the delivered record, docs/design.md §6); `""` for none.
+    pub delivered: &'a str,
 }
 
 /// The records of one segment and what was left out of them.
@@ -196,7 +199,8 @@ pub struct BuiltSegment {
     pub records: Vec<FlushedSegment>,
     /// Spans in the records.
     pub spans: usize,
-    /// Payloads removed because their span_id was already in this segment.
+    /// Payloads removed because their span_id was already in this segment,
+    /// or was delivered by an earlier flush of the trace (`delivered`).
     pub duplicates: usize,
     /// Payloads that are not a JSON object with a string `span_id` (foreign or
     /// corrupt data), or nested deeper than serde_json's limit: skipped.
@@ -212,7 +216,8 @@ pub struct BuiltSegment {
 ///
 /// - A payload that is not a JSON object with a string `span_id` is counted in
 ///   `unparseable`; a `span_id` seen earlier in the segment is counted in
-///   `duplicates` (the first one is kept).
+///   `duplicates` (the first one is kept), as is one the trace already
+///   delivered (`delivered`: read again from Kafka after its flush).
 /// - Each span gets `is_segment` = (`span_id` == segment id), in place or
 ///   appended, and `attributes["sentry.segment.id"]` =
 ///   `{"type":"string","value":<segment id>}` unless it already holds a
@@ -241,6 +246,13 @@ pub fn build_records(input: &SegmentPayloads<'_>, max_segment_bytes: usize) -> B
         span_ids: Vec::new(),
     };
     let mut seen: HashSet<Cow<'_, str>> = HashSet::with_capacity(input.payloads.len());
+    seen.extend(
+        input
+            .delivered
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(Cow::Borrowed),
+    );
     let mut ids: Vec<Cow<'_, str>> = Vec::with_capacity(input.payloads.len());
     let mut spans: Vec<Box<RawValue>> = Vec::with_capacity(input.payloads.len());
 
@@ -924,6 +936,7 @@ mod tests {
             trace_id: TRACE,
             payloads,
             flush_seed: seed,
+            delivered: "",
         }
     }
 

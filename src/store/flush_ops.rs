@@ -42,6 +42,9 @@ pub enum Loaded {
         ingested_bytes: Option<u64>,
         /// The id the spans claim.
         segment_id: String,
+        /// The trace's delivered record: span ids delivered by earlier
+        /// flushes, each followed by a comma (`""` when none).
+        delivered: String,
         salts: Vec<String>,
     },
 }
@@ -226,8 +229,6 @@ impl Store {
             .collect())
     }
 
-    /// Releases the locks this flusher holds on `segments` and touches
-    /// nothing else (`flush_done` with no salts): used when delivery failed.
     /// Extends the locks this flusher still holds (one `lock_refresh` call
     /// each, one round trip); returns how many were still ours.
     pub async fn refresh_locks(
@@ -244,13 +245,16 @@ impl Store {
             .count())
     }
 
+    /// Releases the locks this flusher holds on `segments` and touches
+    /// nothing else (`flush_done` with no salts): used when delivery failed.
     pub async fn release_locks(
         &self,
         segments: &[LoadRequest<'_>],
         token: &str,
     ) -> Result<(), StoreError> {
-        // Zero delivered salts and span ids: only the lock is released.
-        let ops = self.segment_calls(&self.scripts.flush_done, segments, token, &[0, 0]);
+        // Nothing unloaded, no delivered record, zero salts and span ids:
+        // only the lock is released.
+        let ops = self.segment_calls(&self.scripts.flush_done, segments, token, &[0, 0, 0]);
         self.exec("release flush locks", &ops).await?;
         Ok(())
     }
@@ -294,6 +298,7 @@ impl Store {
         &self,
         done: &[DoneRequest<'_>],
         token: &str,
+        delivered_ttl_secs: u64,
     ) -> Result<Vec<DoneReply>, StoreError> {
         if done.is_empty() {
             return Ok(Vec::new());
@@ -306,6 +311,7 @@ impl Store {
                     .arg(d.root)
                     .arg(token)
                     .arg(d.unloaded)
+                    .arg(delivered_ttl_secs)
                     .arg(d.salts.len());
                 for salt in &d.salts {
                     call.arg(&salt.salt).arg(salt.spans).arg(salt.bytes);
@@ -433,12 +439,14 @@ fn parse_loaded(value: Value) -> Result<Loaded, StoreError> {
     };
     match items.first().and_then(as_i64) {
         Some(0) => return Ok(Loaded::Contended),
-        Some(1) if items.len() >= 4 => {}
+        Some(1) if items.len() >= 5 => {}
         _ => return Err(bad(OP, format!("unexpected reply {items:?}"))),
     }
     let count = |v: &Value| as_i64(v).and_then(|n| u64::try_from(n).ok());
     let segment_id = as_text(&items[3]).ok_or_else(|| bad(OP, "segment id is not text".into()))?;
-    let salts = items[4..]
+    let delivered =
+        as_text(&items[4]).ok_or_else(|| bad(OP, "delivered record is not text".into()))?;
+    let salts = items[5..]
         .iter()
         .map(|v| as_text(v).ok_or_else(|| bad(OP, "salt is not text".into())))
         .collect::<Result<_, _>>()?;
@@ -446,6 +454,7 @@ fn parse_loaded(value: Value) -> Result<Loaded, StoreError> {
         ingested_spans: count(&items[1]),
         ingested_bytes: count(&items[2]),
         segment_id,
+        delivered,
         salts,
     })
 }

@@ -87,6 +87,8 @@ pub enum KeyFamily {
     SegmentMeta,
     /// `P:marker`, the data-loss marker the workers keep.
     Marker,
+    /// `P:dl:{pt}`, a trace's record of delivered span ids.
+    Delivered,
     /// Anything else under the prefix, including a segment key
     /// `P:s:{pt}:root` existing as a key (spanbuf never writes one: segment
     /// keys only name queue members and suffix the metadata keys).
@@ -110,6 +112,7 @@ impl KeyFamily {
             "ic" => KeyFamily::IngestedCount,
             "hrs" | "ibc" | "fs" | "cut" => KeyFamily::SegmentMeta,
             "marker" if tail.is_empty() => KeyFamily::Marker,
+            "dl" => KeyFamily::Delivered,
             _ => KeyFamily::Other,
         })
     }
@@ -220,6 +223,30 @@ impl Store {
             maxmemory_bytes: info_field(&info, "maxmemory"),
             db_keys: as_u64(&size).ok_or_else(|| bad("dbsize", format!("reply {size:?}")))?,
         })
+    }
+
+    /// Deletes every trace's delivered record (`P:dl:*`, a `SCAN` per
+    /// primary); how many. For `spanbuf bench`, which feeds the same workload
+    /// run after run: each run must deliver it, not count it as delivered.
+    pub async fn forget_delivered(&self) -> Result<u64, StoreError> {
+        let pattern = scan_pattern(self.keys().prefix(), "dl:*");
+        let mut removed = 0;
+        for primary in self.primaries().await? {
+            let mut cursor = 0;
+            loop {
+                let page = self.scan_page(&primary, cursor, &pattern, 1000).await?;
+                if !page.keys.is_empty() {
+                    removed += page.keys.len() as u64;
+                    let ops = self.multi_key_ops("UNLINK", page.keys);
+                    self.exec("forget delivered records", &ops).await?;
+                }
+                cursor = page.cursor;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// One `SCAN cursor MATCH pattern COUNT count` on one primary.

@@ -56,6 +56,12 @@ impl Keys {
         format!("{}:ssr:{{{pt}}}", self.prefix)
     }
 
+    /// spanbuf's own: span ids the trace delivered recently, each followed by
+    /// a comma: `P:dl:{pt}` (docs/design.md §6, the delivered record).
+    pub fn delivered(&self, pt: &str) -> String {
+        format!("{}:dl:{{{pt}}}", self.prefix)
+    }
+
     /// Segment key `P:s:{pt}:root`: queue member and suffix of the metadata keys.
     pub fn segment(&self, pt: &str, root: &str) -> String {
         format!("{}:s:{{{pt}}}:{root}", self.prefix)

@@ -180,12 +180,28 @@ impl Env {
             .expect("ingest succeeds")
     }
 
-    /// Only redirect maps are left (with their TTL): what a segment leaves
-    /// behind when spans it knew of were not delivered with it.
+    /// Only redirect maps and delivered records are left (with their TTL):
+    /// what a segment leaves behind when spans it knew of were not delivered
+    /// with it, and the span ids a trace delivered.
     pub async fn assert_only_redirects_left(&mut self) {
         self.assert_layout().await;
         let left = self.inspect.all_keys().await;
-        assert!(left.iter().all(|k| k.contains(":ssr:")), "{left:?}");
+        assert!(
+            left.iter()
+                .all(|k| k.contains(":ssr:") || k.contains(":dl:")),
+            "{left:?}"
+        );
+    }
+
+    /// The span ids of the trace's delivered record (`P:dl:{pt}`).
+    pub async fn delivered(&mut self, pt: &str) -> Vec<String> {
+        let key = self.keys().delivered(pt);
+        let text: Option<String> = self.inspect.query(redis::cmd("GET").arg(&key)).await;
+        text.unwrap_or_default()
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Every key under the prefix has a TTL within (0, TTL] (the span
@@ -204,7 +220,7 @@ impl Env {
                 "s" | "mk" => "set",
                 "ssr" => "hash",
                 "q" => "zset",
-                "hrs" | "ic" | "ibc" | "fl" | "fs" | "cut" => "string",
+                "hrs" | "ic" | "ibc" | "fl" | "fs" | "cut" | "dl" => "string",
                 other => panic!("unknown key family {other:?} in {key}"),
             };
             let ty: String = self.inspect.query(redis::cmd("TYPE").arg(&key)).await;
