@@ -51,13 +51,17 @@ ARGV
   10 timeout seconds (segment without root)
   11 root timeout seconds (segment with root)
   12 max segment lifetime seconds (0 = no cap)
-  13.. span ids of the subsegment
+  13 max spans one trace may buffer, counted as the entries of its redirect
+     map (0 = no cap)
+  14.. span ids of the subsegment
 
 Returns a flat array
   [1] segment key "P:s:{pt}:<root or salt>"
   [2] 1 if the segment has seen its root span, else 0
   [3] deadline, epoch seconds as a string with millisecond precision
-  [4] detach reason: 0 = none, 1 = too large, 2 = flush lock held
+  [4] detach reason: 0 = none, 1 = too large, 2 = flush lock held,
+      3 = refused: the trace would buffer more than ARGV[13] spans (nothing
+      was written; the caller counts the spans and unlinks the payload set)
   [5] 1 if the salt was already indexed (redelivery; nothing counted), else 0
   [6..] span ids of earlier segments merged into this one (their queue
         entries are stale)
@@ -80,7 +84,8 @@ local now = tonumber(ARGV[9])
 local timeout = tonumber(ARGV[10])
 local root_timeout = tonumber(ARGV[11])
 local max_lifetime = tonumber(ARGV[12])
-local FIRST_ID = 13
+local max_trace_spans = tonumber(ARGV[13])
+local FIRST_ID = 14
 local num_spans = #ARGV - FIRST_ID + 1
 
 -- Lua's unpack() is limited by the C stack (a few thousand values): every
@@ -137,6 +142,14 @@ end
 -- 3. Index the salt under the root; an unchanged index is a redelivery.
 if redis.call("SADD", mk_key(root), salt) == 0 then
     return { set_key, target_has_root and 1 or 0, deadline_of(target_fs, target_has_root), 0, 1 }
+end
+
+-- 3b. A hot trace (one trace id carrying a flood of spans) would make its
+--     redirect map, its slot and every later call on it grow without bound:
+--     past the cap, the subsegment is refused (HLEN is O(1)).
+if max_trace_spans > 0 and redis.call("HLEN", ssr_key) + num_spans > max_trace_spans then
+    redis.call("SREM", mk_key(root), salt)
+    return { set_key, 0, deadline_of(now, false), 3, 0 }
 end
 
 -- 4. Redirects, before the detach decision: later descendants must resolve

@@ -32,7 +32,8 @@ ARGV
   4  spans of the snapshot that could not be loaded (already counted as
      dropped); subtracted from ic once, by the cleanup that removes salts
   5  TTL in seconds of the trace's delivered record; 0 = keep none
-  6  number of delivered salts S
+  6  number of delivered salts S; -1 for a further page of a large
+     segment's delivered span ids (see below)
   7 .. 6+3S   triples: salt, span count, byte count (what its payload set held)
   7+3S ..     span ids of the delivered spans (their redirects are deleted
               when the segment is deleted; they are appended to the
@@ -46,6 +47,11 @@ The delivered record (spanbuf's own)
   returns this record and the flusher counts such spans as duplicates
   instead of delivering them again under another flush_id. Written only by
   the cleanup that removed salts, so a repeated cleanup appends nothing.
+
+A further page (ARGV[6] = -1, no salts): the span ids after the first page
+of a segment with more than a page of them, sent after its cleanup so that no
+call carries an unbounded number of them: their redirects are deleted if the
+segment is (still) gone, and they are appended to the delivered record.
 
 Returns a flat array
   [1] 1 if the segment's keys were deleted (nothing else remained), else 0
@@ -61,7 +67,7 @@ local unloaded = tonumber(ARGV[4])
 local delivered_ttl = tonumber(ARGV[5])
 local num_salts = tonumber(ARGV[6])
 local FIRST_SALT = 7
-local FIRST_SPAN = FIRST_SALT + 3 * num_salts
+local FIRST_SPAN = FIRST_SALT + 3 * math.max(num_salts, 0)
 local PAGE = 1000
 
 local tag = "{" .. pt .. "}"
@@ -93,9 +99,19 @@ if #removed > 0 then
     spans = spans + unloaded
 end
 
+local ssr_key = prefix .. ":ssr:" .. tag
+local function forget_redirects()
+    for i = FIRST_SPAN, #ARGV, PAGE do
+        redis.call("HDEL", ssr_key, unpack(ARGV, i, math.min(i + PAGE - 1, #ARGV)))
+    end
+end
+
 -- The delivered record: one SET for a trace's first delivery, APPEND and
 -- EXPIRE after that.
-if #removed > 0 and delivered_ttl > 0 and #ARGV >= FIRST_SPAN then
+local function record_delivered()
+    if delivered_ttl == 0 or #ARGV < FIRST_SPAN then
+        return
+    end
     local parts = {}
     for i = FIRST_SPAN, #ARGV do
         parts[#parts + 1] = ARGV[i]
@@ -108,15 +124,24 @@ if #removed > 0 and delivered_ttl > 0 and #ARGV >= FIRST_SPAN then
     end
 end
 
+if num_salts < 0 then
+    if redis.call("EXISTS", mk_key) == 0 then
+        forget_redirects()
+    end
+    record_delivered()
+    return { 0, 0 }
+end
+
+if #removed > 0 then
+    record_delivered()
+end
+
 local deleted = 0
 if redis.call("EXISTS", mk_key) == 0 then
     -- Nothing else buffered: the segment is gone, and with it the redirects
     -- of the spans just delivered (a late child then starts a new segment).
     redis.call("DEL", ic_key, ibc_key, meta_key("hrs"), meta_key("fs"), meta_key("cut"))
-    local ssr_key = prefix .. ":ssr:" .. tag
-    for i = FIRST_SPAN, #ARGV, PAGE do
-        redis.call("HDEL", ssr_key, unpack(ARGV, i, math.min(i + PAGE - 1, #ARGV)))
-    end
+    forget_redirects()
     deleted = 1
 elseif #removed > 0 then
     -- New data arrived after the load: keep it and its share of the counts.

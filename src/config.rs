@@ -72,6 +72,7 @@ mod var {
     pub const MAX_FLUSH_SEGMENTS: &str = "SPANBUF_MAX_FLUSH_SEGMENTS";
     pub const MAX_FLUSH_BYTES: &str = "SPANBUF_MAX_FLUSH_BYTES";
     pub const DELIVERED_TTL_SECS: &str = "SPANBUF_DELIVERED_TTL_SECS";
+    pub const MAX_TRACE_SPANS: &str = "SPANBUF_MAX_TRACE_SPANS";
     pub const COMPRESSION_LEVEL: &str = "SPANBUF_COMPRESSION_LEVEL";
     pub const FLUSH_LOCK_TTL_SECS: &str = "SPANBUF_FLUSH_LOCK_TTL_SECS";
     pub const OUTPUT_CODEC: &str = "SPANBUF_OUTPUT_CODEC";
@@ -235,6 +236,11 @@ pub const VARIABLES: &[VarDoc] = &[
         meaning: "byte budget of one flush cycle: segments (by ingested bytes) loaded at once, at least one (at least 1024)",
     },
     VarDoc {
+        name: var::MAX_TRACE_SPANS,
+        default: "100000",
+        meaning: "spans one trace may hold in the buffer (entries of its redirect map); more are refused and counted in spanbuf_spans_dropped_total (reason trace_too_large), so one hot trace cannot stall Redis for every shard; 0 = no cap",
+    },
+    VarDoc {
         name: var::DELIVERED_TTL_SECS,
         default: "120",
         meaning: "how long a trace remembers the span ids it delivered, so that spans read again from Kafka after their segment was flushed (a worker crash before its commit) count as duplicates instead of going out again under another flush_id; 0 disables",
@@ -346,6 +352,7 @@ fn expected(name: &str) -> &'static str {
         var::SEGMENT_PAGE_SIZE => "expected a whole number from 1 to 100000 (e.g. 100)",
         var::MAX_FLUSH_BYTES => "expected a whole number of bytes, at least 1024 (e.g. 67108864)",
         var::DELIVERED_TTL_SECS => "expected a whole number of seconds, 0 (off) or more (e.g. 120)",
+        var::MAX_TRACE_SPANS => "expected a whole number of spans, 0 (no cap) or more (e.g. 100000)",
         var::FLUSH_INTERVAL_MS => "expected a whole number of milliseconds from 10 to 60000 (e.g. 500)",
         var::MAX_FLUSH_LAG_SECS => "expected a whole number of seconds, 0 to disable (e.g. 30)",
         var::WINDOW_MAX_SPANS => "expected a whole number from 1 to 1000000 (e.g. 20000)",
@@ -610,6 +617,10 @@ pub struct BufferConfig {
     /// default. Spans read again within it after their segment was flushed
     /// are counted as duplicates at flush.
     pub delivered_ttl_secs: u64,
+    /// `SPANBUF_MAX_TRACE_SPANS`: spans one trace may buffer (its redirect
+    /// map's entries), 0 = no cap; 100000 by default. More are refused at
+    /// ingest and counted as dropped (`trace_too_large`).
+    pub max_trace_spans: u64,
 }
 
 impl Default for BufferConfig {
@@ -628,6 +639,7 @@ impl Default for BufferConfig {
             segment_page_size: 100,
             max_flush_bytes: 64 * 1024 * 1024,
             delivered_ttl_secs: 120,
+            max_trace_spans: 100_000,
         }
     }
 }
@@ -1085,6 +1097,7 @@ impl Config {
             var::SEGMENT_PAGE_SIZE => b.segment_page_size = num(value)?,
             var::MAX_FLUSH_BYTES => b.max_flush_bytes = num(value)?,
             var::DELIVERED_TTL_SECS => b.delivered_ttl_secs = num(value)?,
+            var::MAX_TRACE_SPANS => b.max_trace_spans = num(value)?,
             var::FLUSH_INTERVAL_MS => self.worker.flush_interval_ms = num(value)?,
             var::MAX_FLUSH_LAG_SECS => self.worker.max_flush_lag_secs = num(value)?,
             var::WINDOW_MAX_SPANS => self.worker.window_max_spans = num(value)?,
@@ -1433,6 +1446,7 @@ impl Config {
                 b.slice_id.map(|id| id.to_string()).unwrap_or_default(),
             ),
             (var::MAX_FLUSH_BYTES, b.max_flush_bytes.to_string()),
+            (var::MAX_TRACE_SPANS, b.max_trace_spans.to_string()),
             (var::DELIVERED_TTL_SECS, b.delivered_ttl_secs.to_string()),
             (var::SEGMENT_PAGE_SIZE, b.segment_page_size.to_string()),
             (

@@ -185,7 +185,13 @@ fn histogram(
 pub const BACKPRESSURE_REASONS: [&str; 3] = ["flush_lag", "redis_memory", "redis_down"];
 
 /// The closed `reason` set of `spanbuf_spans_dropped_total`.
-pub const DROP_REASONS: [&str; 4] = ["expired", "unreadable", "too_large", "unencodable"];
+pub const DROP_REASONS: [&str; 5] = [
+    "expired",
+    "unreadable",
+    "too_large",
+    "unencodable",
+    "trace_too_large",
+];
 
 /// Spans per window: 1 … 1,000,000.
 fn window_buckets() -> Vec<f64> {

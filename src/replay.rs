@@ -160,6 +160,7 @@ pub async fn run<S: Sink>(
         // Spans already buffered (a copy earlier in the batch, or the same
         // subsegment ingested before) are duplicates, not consumed twice.
         summary.spans_duplicate += ingested.spans_redelivered as u64;
+        summary.spans_dropped += ingested.spans_refused as u64;
         engine
             .flush_due(&shards, now, sink, |cycle| summary.add(cycle))
             .await?;

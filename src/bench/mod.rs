@@ -205,7 +205,7 @@ pub async fn run_point(config: &Config, options: &PointOptions) -> Result<PointR
         spans_invalid: ingested.invalid,
         spans_flushed: flushed.spans,
         spans_duplicate: flushed.duplicates + ingested.duplicates,
-        spans_dropped: flushed.dropped,
+        spans_dropped: flushed.dropped + ingested.refused,
         segments_flushed: flushed.segments,
         records: flushed.records,
         record_bytes: sink.bytes(),
@@ -251,6 +251,8 @@ struct Ingested {
     invalid: u64,
     /// Spans already buffered (in-window copies, re-ingested subsegments).
     duplicates: u64,
+    /// Spans refused over `SPANBUF_MAX_TRACE_SPANS` (dropped).
+    refused: u64,
 }
 
 /// Reads the workload on a blocking thread in batches of
@@ -363,6 +365,7 @@ async fn write(
             .write(window.spans(), LiveClock::window_clock(oldest))
             .await?;
         out.duplicates += outcome.spans_redelivered as u64;
+        out.refused += outcome.spans_refused as u64;
     }
     window.clear();
     clock.release();

@@ -57,6 +57,33 @@ impl Subsegment {
 
 type TreeKey = (u64, String, String);
 
+/// Spans per `add_buffer` call at most: a larger subsegment (a hot trace's
+/// flood within one window) is written as parts of this many spans under
+/// the same parent, so that each script call is short work for Redis, which
+/// runs it while every other client waits.
+pub const MAX_SUBSEGMENT_SPANS: usize = 1000;
+
+/// Splits every subsegment of more than `max` spans into parts of at most
+/// `max`, in order, under the same parent. Deterministic, so a batch read
+/// again splits the same way (same salts).
+pub fn split_large(subsegments: Vec<Subsegment>, max: usize) -> Vec<Subsegment> {
+    let max = max.max(1);
+    let mut out = Vec::with_capacity(subsegments.len());
+    for sub in subsegments {
+        if sub.spans.len() <= max {
+            out.push(sub);
+            continue;
+        }
+        for part in sub.spans.chunks(max) {
+            out.push(Subsegment {
+                spans: part.to_vec(),
+                ..sub.clone()
+            });
+        }
+    }
+    out
+}
+
 /// Groups a batch into subsegments, in first-seen order of their keys.
 pub fn group(batch: &[ShardedSpan]) -> Vec<Subsegment> {
     // Trees in insertion order; a tree absorbed into another leaves `None`.
@@ -109,6 +136,29 @@ pub fn group(batch: &[ShardedSpan]) -> Vec<Subsegment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_subsegment_is_split_in_order_under_its_parent() {
+        let ids: Vec<String> = (1..=7).map(|n| format!("{n:016x}")).collect();
+        let mut batch = vec![span(&ids[0], None)];
+        for id in &ids[1..] {
+            batch.push(span(id, Some(&ids[0])));
+        }
+        let whole = group(&batch);
+        assert_eq!(whole.len(), 1);
+        let parts = split_large(whole.clone(), 3);
+        assert_eq!(
+            parts.iter().map(|p| p.spans.clone()).collect::<Vec<_>>(),
+            [vec![0, 1, 2], vec![3, 4, 5], vec![6]]
+        );
+        assert!(parts.iter().all(|p| p.parent == whole[0].parent));
+        assert!(parts[0].has_segment_span(&batch) && !parts[1].has_segment_span(&batch));
+        assert_eq!(
+            split_large(whole.clone(), 7),
+            whole,
+            "within the bound: as is"
+        );
+    }
 
     const TRACE: &str = "0123456789abcdef0123456789abcdef";
 

@@ -12,10 +12,10 @@ pub mod group;
 pub mod window;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-pub use group::{group, ShardedSpan, Subsegment};
+pub use group::{group, split_large, ShardedSpan, Subsegment, MAX_SUBSEGMENT_SPANS};
 
 use crate::config::{BufferConfig, RedisConfig};
 use crate::metrics::Metrics;
@@ -107,6 +107,8 @@ pub struct IngestSettings {
     pub timeout_secs: u64,
     pub root_timeout_secs: u64,
     pub max_lifetime_secs: u64,
+    /// `SPANBUF_MAX_TRACE_SPANS`; 0 = no cap.
+    pub max_trace_spans: u64,
 }
 
 impl IngestSettings {
@@ -119,6 +121,7 @@ impl IngestSettings {
             timeout_secs: buffer.timeout_secs,
             root_timeout_secs: buffer.root_timeout_secs,
             max_lifetime_secs: buffer.max_segment_lifetime_secs,
+            max_trace_spans: buffer.max_trace_spans,
         }
     }
 }
@@ -137,6 +140,9 @@ pub struct IngestOutcome {
     pub detached_locked: usize,
     /// Earlier segments merged into another one.
     pub segments_merged: usize,
+    /// Spans refused because their trace holds `SPANBUF_MAX_TRACE_SPANS`
+    /// already (consumed, and counted as dropped `trace_too_large`).
+    pub spans_refused: usize,
     /// Redis round trips the batch took.
     pub round_trips: u64,
 }
@@ -197,7 +203,7 @@ impl Ingestor {
         let trips_before = self.store.round_trips();
         let (batch, in_batch_duplicates) = without_duplicates(batch);
         let batch = batch.as_ref();
-        let subsegments = group(batch);
+        let subsegments = split_large(group(batch), MAX_SUBSEGMENT_SPANS);
 
         let mut writes = Vec::with_capacity(subsegments.len());
         let mut raw_bytes = 0u64;
@@ -235,6 +241,7 @@ impl Ingestor {
             timeout_secs: self.settings.timeout_secs,
             root_timeout_secs: self.settings.root_timeout_secs,
             max_lifetime_secs: self.settings.max_lifetime_secs,
+            max_trace_spans: self.settings.max_trace_spans,
         };
         let replies = self.store.insert_subsegments(&writes, &params).await?;
 
@@ -248,7 +255,18 @@ impl Ingestor {
             ..IngestOutcome::default()
         };
         let keys = self.store.keys();
+        let mut refused_sets = Vec::new();
+        let mut hot_traces = BTreeSet::new();
         for ((sub, write), reply) in subsegments.iter().zip(&writes).zip(&replies) {
+            if reply.refused {
+                // Consumed and lost: counted, never silent. Its payload set
+                // (written before the insert) goes at once.
+                outcome.spans += sub.spans.len();
+                outcome.spans_refused += sub.spans.len();
+                refused_sets.push(keys.payload(&write.pt, &write.salt));
+                hot_traces.insert(write.pt.as_str());
+                continue;
+            }
             if reply.redelivered && !after_failed_attempt {
                 outcome.spans_redelivered += sub.spans.len();
             } else {
@@ -287,6 +305,15 @@ impl Ingestor {
         self.store
             .update_queues(&updates, self.settings.ttl_secs)
             .await?;
+        if !refused_sets.is_empty() {
+            tracing::warn!(
+                spans = outcome.spans_refused,
+                traces = ?hot_traces,
+                limit = self.settings.max_trace_spans,
+                "traces over SPANBUF_MAX_TRACE_SPANS: spans refused and counted as dropped (trace_too_large)"
+            );
+            self.store.unlink(refused_sets).await?;
+        }
 
         outcome.round_trips = self.store.round_trips() - trips_before;
         self.record(&outcome, raw_bytes, stored_bytes);
@@ -297,6 +324,9 @@ impl Ingestor {
     fn record(&self, outcome: &IngestOutcome, raw_bytes: u64, stored_bytes: u64) {
         let m = &self.metrics;
         m.spans_consumed_total.inc_by(outcome.spans as u64);
+        m.spans_dropped_total
+            .with_label_values(&["trace_too_large"])
+            .inc_by(outcome.spans_refused as u64);
         m.spans_redelivered_total
             .inc_by(outcome.spans_redelivered as u64);
         m.ingest_subsegments_total

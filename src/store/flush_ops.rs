@@ -30,6 +30,10 @@ pub struct LoadRequest<'a> {
     pub root: &'a str,
 }
 
+/// Delivered span ids per `flush_done` call: a segment with more goes in
+/// further calls of a page each, so no call is unbounded work for Redis.
+const SPAN_IDS_PER_CALL: usize = 1000;
+
 /// The snapshot of one segment taken under its lock.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Loaded {
@@ -316,7 +320,7 @@ impl Store {
                 for salt in &d.salts {
                     call.arg(&salt.salt).arg(salt.spans).arg(salt.bytes);
                 }
-                call.arg(&d.span_ids);
+                call.arg(&d.span_ids[..d.span_ids.len().min(SPAN_IDS_PER_CALL)]);
                 Op::new(d.pt.clone(), call)
             })
             .collect();
@@ -338,6 +342,24 @@ impl Store {
             })
             .collect();
         let mut ops = self.multi_key_ops("UNLINK", payloads);
+        // A large segment's further delivered span ids, a page per call:
+        // their redirects and the delivered record (`flush_done` with -1).
+        for (d, reply) in done.iter().zip(&replies) {
+            if reply.removed_salts.is_empty() {
+                continue;
+            }
+            for page in d.span_ids.chunks(SPAN_IDS_PER_CALL).skip(1) {
+                let mut call = self.scripts.flush_done.call(&d.pt);
+                call.arg(self.keys().prefix())
+                    .arg(d.root)
+                    .arg(token)
+                    .arg(0)
+                    .arg(delivered_ttl_secs)
+                    .arg(-1)
+                    .arg(page);
+                ops.push(Op::new(d.pt.clone(), call));
+            }
+        }
         let mut by_queue: std::collections::BTreeMap<&str, Vec<&DoneRequest<'_>>> =
             Default::default();
         // Only a segment whose keys were deleted leaves its queue: one that

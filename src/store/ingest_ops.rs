@@ -25,6 +25,8 @@ pub struct InsertParams {
     pub root_timeout_secs: u64,
     /// 0 = no cap.
     pub max_lifetime_secs: u64,
+    /// Spans one trace may buffer (its redirect map's entries); 0 = no cap.
+    pub max_trace_spans: u64,
 }
 
 /// One subsegment to write: its payload members and the insert call's input.
@@ -62,6 +64,9 @@ pub struct InsertReply {
     pub detach: Detach,
     /// The salt was already indexed: a redelivered subsegment, not counted.
     pub redelivered: bool,
+    /// Refused: the trace would buffer more than `max_trace_spans`. Nothing
+    /// was indexed; the payload set is the caller's to unlink.
+    pub refused: bool,
     /// Span ids whose earlier segments were merged into this one.
     pub merged: Vec<String>,
 }
@@ -110,6 +115,7 @@ impl Store {
                 .arg(params.timeout_secs)
                 .arg(params.root_timeout_secs)
                 .arg(params.max_lifetime_secs)
+                .arg(params.max_trace_spans)
                 .arg(&write.span_ids);
             insert_ops.push(Op::new(write.pt.clone(), call));
         }
@@ -182,6 +188,16 @@ fn as_int(value: &Value) -> Option<i64> {
     }
 }
 
+impl Store {
+    /// `UNLINK`s `keys` (one command per slot on a cluster): the payload sets
+    /// of refused subsegments.
+    pub async fn unlink(&self, keys: Vec<String>) -> Result<(), StoreError> {
+        let ops = self.multi_key_ops("UNLINK", keys);
+        self.exec("unlink refused payload sets", &ops).await?;
+        Ok(())
+    }
+}
+
 fn parse_insert_reply(value: Value) -> Result<InsertReply, StoreError> {
     let Value::Array(items) = value else {
         return Err(bad_reply(format!("expected an array, got {value:?}")));
@@ -199,10 +215,11 @@ fn parse_insert_reply(value: Value) -> Result<InsertReply, StoreError> {
     let deadline: f64 = as_text(&items[2])
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad_reply(format!("deadline is not a number: {:?}", items[2])))?;
-    let detach = match as_int(&items[3]) {
-        Some(0) => Detach::None,
-        Some(1) => Detach::TooLarge,
-        Some(2) => Detach::Locked,
+    let (detach, refused) = match as_int(&items[3]) {
+        Some(0) => (Detach::None, false),
+        Some(1) => (Detach::TooLarge, false),
+        Some(2) => (Detach::Locked, false),
+        Some(3) => (Detach::None, true),
         other => return Err(bad_reply(format!("unknown detach reason {other:?}"))),
     };
     let redelivered =
@@ -217,6 +234,7 @@ fn parse_insert_reply(value: Value) -> Result<InsertReply, StoreError> {
         deadline,
         detach,
         redelivered,
+        refused,
         merged,
     })
 }
