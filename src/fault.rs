@@ -9,6 +9,8 @@
 //!   process SIGKILLs itself at that point of the first flush cycle that has
 //!   loaded at least one segment (`during_cleanup`: after the first half of the
 //!   cycle's segments were cleaned up).
+//! - `SPANBUF_FAULT_POINT=cleanup_reply_lost`: the first cleanup runs in
+//!   Redis, then its reply is dropped as a lost connection would.
 //! - `SPANBUF_FAULT_DELIVER_DELAY_MS=N`: every delivery waits N ms first (a
 //!   slow broker).
 //! - `SPANBUF_FAULT_NO_COMMIT=1`: the worker never commits offsets (as if it
@@ -23,6 +25,9 @@ pub enum Point {
     AfterDeliver,
     /// Half of the cycle's segments cleaned up.
     DuringCleanup,
+    /// The first cleanup ran in Redis but its reply is lost (a dropped
+    /// connection): not a crash; the flusher sees a transient failure.
+    CleanupReplyLost,
 }
 
 impl Point {
@@ -31,6 +36,7 @@ impl Point {
             Point::AfterLoad => "after_load",
             Point::AfterDeliver => "after_deliver",
             Point::DuringCleanup => "during_cleanup",
+            Point::CleanupReplyLost => "cleanup_reply_lost",
         }
     }
 }
@@ -66,6 +72,20 @@ pub fn crash(point: Point) {
 #[cfg(not(feature = "fault-points"))]
 #[inline(always)]
 pub fn crash(_point: Point) {}
+
+/// Whether the fault at `point` is armed and this is its first hit in the
+/// process (for faults that are not crashes: they happen once).
+#[cfg(feature = "fault-points")]
+pub fn first_hit(point: Point) -> bool {
+    static HIT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    armed(point) && !HIT.swap(true, std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn first_hit(_point: Point) -> bool {
+    false
+}
 
 /// The delay before each delivery, if one is armed.
 #[cfg(feature = "fault-points")]

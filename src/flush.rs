@@ -366,6 +366,10 @@ impl Flusher {
                 .finish_segments(done, &self.token, self.settings.delivered_ttl_secs)
                 .await
             {
+                Ok(_) if fault::first_hit(fault::Point::CleanupReplyLost) => {
+                    tracing::warn!(retry_in = ?backoff, "fault point: cleanup reply lost; retrying");
+                    tokio::time::sleep(backoff).await;
+                }
                 Ok(replies) => return Ok(replies),
                 Err(err)
                     if err.is_transient() && std::time::Instant::now() + backoff < give_up_at =>

@@ -883,3 +883,39 @@ fn spans_read_again_after_their_flush_are_not_delivered_twice() {
     assert_eq!(report["conservation"]["duplicate"], 800, "{report}");
     b.stop_cleanly();
 }
+
+/// Issue 12 item 9, last case: a cleanup that ran in Redis but whose reply
+/// was lost (a dropped connection) failed the cycle, and with it the cycle's
+/// accounting: the spans were delivered and gone from Redis but never counted
+/// as flushed, so the audit's conservation came up short. The cleanup is now
+/// retried (`flush_done` is idempotent) and the cycle counts once. The fault
+/// point drops the first cleanup's reply after Redis ran it.
+#[test]
+fn a_lost_cleanup_reply_keeps_the_accounting_exact() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let (lines, expected) = spans(0);
+    let mut worker = Worker::start_with(
+        &broker,
+        &[
+            ("SPANBUF_REDIS_URL", redis.url()),
+            ("SPANBUF_FAULT_POINT", "cleanup_reply_lost".into()),
+        ],
+    );
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, Some(&redis));
+    assert_eq!(worker.metric("spanbuf_spans_flushed_total"), Some(800.0));
+    let report = audit(&broker, &redis, &[&lines], &worker);
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["conservation"]["consumed"], 800, "{report}");
+    assert_eq!(report["conservation"]["flushed"], 800, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    let stderr = worker.stop_cleanly();
+    assert!(
+        stderr.contains("fault point: cleanup reply lost"),
+        "{stderr}"
+    );
+}
