@@ -17,7 +17,28 @@ use crate::span::record::FlushedSegment;
 use crate::span::Span;
 
 /// `(project_id, trace_id, span_id)`.
-type SpanKey = (u64, String, String);
+/// `(project_id, trace_id, span_id)`.
+pub type SpanKey = (u64, String, String);
+
+/// The key of every span of a record, in order (an unreadable span has an
+/// empty span id).
+pub fn span_keys(record: &FlushedSegment) -> Vec<SpanKey> {
+    record
+        .spans
+        .iter()
+        .map(|raw| {
+            let span_id = serde_json::from_str::<serde_json::Value>(raw.get())
+                .ok()
+                .and_then(|v| {
+                    v.get("span_id")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            (record.project_id, record.trace_id.clone(), span_id)
+        })
+        .collect()
+}
 
 /// What the audit found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -176,16 +197,7 @@ pub fn audit(spans: &[Span], records: &[FlushedSegment]) -> AuditReport {
             record.trace_id.clone(),
             record.segment_id.clone(),
         ));
-        for raw in &record.spans {
-            let span_id = serde_json::from_str::<serde_json::Value>(raw.get())
-                .ok()
-                .and_then(|v| {
-                    v.get("span_id")
-                        .and_then(|s| s.as_str())
-                        .map(str::to_string)
-                })
-                .unwrap_or_default();
-            let key = (record.project_id, record.trace_id.clone(), span_id);
+        for key in span_keys(record) {
             report.spans_out += 1;
             match seen.get(&key) {
                 Some(flush_id) if *flush_id == record.flush_id => {

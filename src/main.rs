@@ -360,15 +360,27 @@ fn audit(config: &Config, args: AuditArgs) -> anyhow::Result<bool> {
             records.push(spanbuf::span::record::from_json(line)?);
         }
     } else if let Some(topic) = &args.records_topic {
-        let want = spans.len();
-        let mut seen = 0usize;
+        // Stop once every input span was seen, counting distinct spans: a
+        // record delivered twice (same flush_id, which the contract allows)
+        // must not end the read before the records still to come.
+        let want: std::collections::HashSet<spanbuf::audit::SpanKey> = spans
+            .iter()
+            .map(|s| (s.project_id, s.trace_id.clone(), s.span_id.clone()))
+            .collect();
+        let mut seen = std::collections::HashSet::new();
         let payloads = spanbuf::kafka::tools::read_topic(
             config,
             topic,
             std::time::Duration::from_secs(args.idle_secs),
             |payload| {
-                seen += decode(payload).map_or(0, |r| r.spans.len());
-                seen >= want
+                if let Ok(record) = decode(payload) {
+                    seen.extend(
+                        spanbuf::audit::span_keys(&record)
+                            .into_iter()
+                            .filter(|k| want.contains(k)),
+                    );
+                }
+                seen.len() >= want.len()
             },
         )?;
         for payload in payloads {

@@ -308,3 +308,74 @@ fn replay_memory_stays_bounded_with_many_large_child_segments() {
         "54 MB of spans, peak RSS {peak} bytes"
     );
 }
+
+/// `spanbuf audit --records-topic` stopped reading once it had seen as many
+/// spans as the input holds, counting a record delivered twice (same
+/// flush_id, which the contract allows) twice: the records after it were
+/// never read and their spans reported missing, exactly as many as the
+/// duplicates (what the chaos runs showed). It now counts distinct spans.
+#[test]
+fn audit_reads_past_a_record_delivered_twice() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let broker = support::Broker::start();
+    broker.create_topic("records", 1);
+    let trace = format!("{:032x}", 0xa0d17_u64);
+    let span = |id: &str, parent: Option<&str>| {
+        serde_json::json!({"trace_id": trace, "span_id": id, "parent_span_id": parent,
+                           "project_id": 1, "start_timestamp": 1.0, "end_timestamp": 2.0})
+    };
+    let a = [
+        span("000000000000000a", None),
+        span("000000000000000b", Some("000000000000000a")),
+    ];
+    let c = [
+        span("000000000000000c", None),
+        span("000000000000000d", Some("000000000000000c")),
+    ];
+    let record = |flush_id: &str, segment: &str, spans: &[serde_json::Value]| {
+        serde_json::json!({"flush_id": flush_id, "segment_id": segment, "project_id": 1,
+                           "trace_id": trace, "spans": spans})
+        .to_string()
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        broker.client_config().create().expect("producer");
+    for payload in [
+        record("f1", "000000000000000a", &a),
+        record("f1", "000000000000000a", &a),
+        record("f2", "000000000000000c", &c),
+    ] {
+        producer
+            .send(
+                BaseRecord::to("records")
+                    .key(trace.as_bytes())
+                    .payload(&payload),
+            )
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+    producer
+        .flush(std::time::Duration::from_secs(10))
+        .expect("flush");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("spans.ndjson");
+    let lines: Vec<String> = a.iter().chain(&c).map(|s| s.to_string()).collect();
+    std::fs::write(&input, lines.join("\n")).expect("write spans");
+    let out = spanbuf(
+        &[
+            "audit",
+            "--spans",
+            input.to_str().expect("utf-8 path"),
+            "--records-topic",
+            "records",
+            "--idle-secs",
+            "3",
+        ],
+        &[("SPANBUF_KAFKA_BROKERS", &broker.bootstrap())],
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the report is json");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicated_same_flush_id"], 2, "{report}");
+    assert_eq!(report["records"], 3, "{report}");
+}
