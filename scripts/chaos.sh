@@ -23,8 +23,9 @@
 #   CHAOS_WORKERS=3       `spanbuf run` processes
 #   CHAOS_PARTITIONS=6    partitions of the input and output topics
 #   CHAOS_OUT=chaos-out/<timestamp>  output directory (logs, spans, report)
-#   CHAOS_BIN=            run this spanbuf binary instead of building the tree
-#                         (an older build, to compare before and after)
+#   CHAOS_BIN=            run the workers with this spanbuf binary (an older
+#                         build, to compare before and after); gen and audit
+#                         always come from the tree
 #
 # The kill schedule (kills.csv: second, victim) depends on the seed alone, the
 # workload on the seed and the chunk number; timing on the machine does not
@@ -53,11 +54,9 @@ for v in SEED SECS CHUNKS WORKERS PARTITIONS; do
 done
 
 bash scripts/install-deps.sh >/dev/null
-if [ -z "${CHAOS_BIN:-}" ]; then
-    echo "chaos: building spanbuf (release)..."
-    cargo build --release --locked --quiet
-    CHAOS_BIN=target/release/spanbuf
-fi
+echo "chaos: building spanbuf (release)..."
+cargo build --release --locked --quiet
+CHAOS_BIN=${CHAOS_BIN:-target/release/spanbuf}
 [ -x "$CHAOS_BIN" ] || die "CHAOS_BIN $CHAOS_BIN is not an executable"
 TANSU=$ROOT/.tools/bin/tansu
 mkdir -p "$OUT"
@@ -65,7 +64,9 @@ OUT=$(cd "$OUT" && pwd)
 [ -z "$(ls -A "$OUT")" ] || die "$OUT is not empty"
 # A private copy: a rebuild of target/ during the run must not change what runs.
 cp "$CHAOS_BIN" "$OUT/spanbuf"
+cp target/release/spanbuf "$OUT/spanbuf-tools"
 BIN=$OUT/spanbuf
+TOOLS=$OUT/spanbuf-tools
 
 pids=()
 worker_pids=()
@@ -153,7 +154,7 @@ echo "chaos: seed $SEED, $(grep -c worker "$OUT/kills.csv") worker kills and 1 R
 # Producer: CHUNKS gen chunks evenly over SECS, a seed per chunk.
 produce() {
     for c in $(seq 1 "$CHUNKS"); do
-        "$BIN" gen --seed $((SEED * 1000 + c)) --traces "$TRACES_PER_CHUNK" \
+        "$TOOLS" gen --seed $((SEED * 1000 + c)) --traces "$TRACES_PER_CHUNK" \
             --segments-per-trace 2 --spans-per-segment 20 --shuffle-window 1000 \
             --invalid-fraction 0.01 --start "$(date +%s)" \
             --kafka-topic ingest-spans --output "$OUT/chunk-$c.ndjson" 2>>"$OUT/gen.err" \
@@ -208,7 +209,7 @@ cat "$OUT"/chunk-*.ndjson >"$OUT/spans.ndjson"
 # are missing, 10 s apart, for up to 5 minutes; what is missing then is lost.
 audit() {
     set +e
-    "$BIN" audit --spans "$OUT/spans.ndjson" --records-topic buffered-segments \
+    "$TOOLS" audit --spans "$OUT/spans.ndjson" --records-topic buffered-segments \
         --idle-secs 10 >"$OUT/audit.json" 2>"$OUT/audit.err"
     set -e
     python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("missing", -1))' "$OUT/audit.json"
