@@ -192,6 +192,23 @@ fn index(records: &[FlushedSegment]) -> BTreeMap<String, (String, bool, String)>
     out
 }
 
+/// Flush cycles of shard 0 at `now` until one has nothing more due.
+async fn cycles_until_done(
+    flusher: &Flusher,
+    sink: &Collect,
+    now: f64,
+) -> Vec<spanbuf::flush::CycleOutcome> {
+    let mut cycles = Vec::new();
+    loop {
+        let out = flusher.flush_cycle(&[0], now, sink).await.expect("cycle");
+        let more = out.more_due;
+        cycles.push(out);
+        if !more {
+            return cycles;
+        }
+    }
+}
+
 /// After a full drain nothing of the buffer is left in Redis: only the
 /// traces' delivered records (span ids, expiring with their TTL).
 async fn assert_drained(env: &mut Env) {
@@ -1570,19 +1587,9 @@ async fn spans_read_again_after_their_flush_are_duplicates(backend: Backend) {
     }
     env.ingest(&[TestSpan::new(&t, &id(6), Some(&id(1)))], T0 + 1.0)
         .await;
-    let mut duplicates = 0;
-    let mut flushed = 0;
-    loop {
-        let out = flusher
-            .flush_cycle(&[0], T0 + 200.0, &sink)
-            .await
-            .expect("second flush");
-        duplicates += out.spans_duplicate;
-        flushed += out.spans_flushed;
-        if !out.more_due {
-            break;
-        }
-    }
+    let cycles = cycles_until_done(&flusher, &sink, T0 + 200.0).await;
+    let flushed: usize = cycles.iter().map(|c| c.spans_flushed).sum();
+    let duplicates: usize = cycles.iter().map(|c| c.spans_duplicate).sum();
     assert_eq!((flushed, duplicates), (1, 5));
     // `index` panics on a span delivered twice.
     let delivered = index(&sink.take());
@@ -1643,17 +1650,11 @@ async fn a_hot_trace_is_capped_and_counted_while_other_traces_flow() {
 
     let flusher = env.flusher();
     let sink = Collect::default();
-    let mut flushed = 0;
-    loop {
-        let out = flusher
-            .flush_cycle(&[0], T0 + 1000.0, &sink)
-            .await
-            .expect("cycle");
-        flushed += out.spans_flushed;
-        if !out.more_due {
-            break;
-        }
-    }
+    let flushed: usize = cycles_until_done(&flusher, &sink, T0 + 1000.0)
+        .await
+        .iter()
+        .map(|c| c.spans_flushed)
+        .sum();
     let records = sink.take();
     let hot_spans: usize = records
         .iter()

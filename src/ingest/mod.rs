@@ -312,7 +312,9 @@ impl Ingestor {
                 limit = self.settings.max_trace_spans,
                 "traces over SPANBUF_MAX_TRACE_SPANS: spans refused and counted as dropped (trace_too_large)"
             );
-            self.store.unlink(refused_sets).await?;
+            self.store
+                .unlink("unlink refused payload sets", refused_sets)
+                .await?;
         }
 
         outcome.round_trips = self.store.round_trips() - trips_before;

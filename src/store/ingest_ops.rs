@@ -188,16 +188,6 @@ fn as_int(value: &Value) -> Option<i64> {
     }
 }
 
-impl Store {
-    /// `UNLINK`s `keys` (one command per slot on a cluster): the payload sets
-    /// of refused subsegments.
-    pub async fn unlink(&self, keys: Vec<String>) -> Result<(), StoreError> {
-        let ops = self.multi_key_ops("UNLINK", keys);
-        self.exec("unlink refused payload sets", &ops).await?;
-        Ok(())
-    }
-}
-
 fn parse_insert_reply(value: Value) -> Result<InsertReply, StoreError> {
     let Value::Array(items) = value else {
         return Err(bad_reply(format!("expected an array, got {value:?}")));

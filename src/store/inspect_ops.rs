@@ -237,8 +237,7 @@ impl Store {
                 let page = self.scan_page(&primary, cursor, &pattern, 1000).await?;
                 if !page.keys.is_empty() {
                     removed += page.keys.len() as u64;
-                    let ops = self.multi_key_ops("UNLINK", page.keys);
-                    self.exec("forget delivered records", &ops).await?;
+                    self.unlink("forget delivered records", page.keys).await?;
                 }
                 cursor = page.cursor;
                 if cursor == 0 {

@@ -350,6 +350,18 @@ impl Store {
         Ok(())
     }
 
+    /// `UNLINK`s `keys` in one round trip (pages on a standalone server, one
+    /// command per slot on a cluster); `operation` names it in errors.
+    pub async fn unlink(
+        &self,
+        operation: &'static str,
+        keys: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let ops = self.multi_key_ops("UNLINK", keys);
+        self.exec(operation, &ops).await?;
+        Ok(())
+    }
+
     /// `command key…` over `keys` as few commands as the mode allows: pages of
     /// keys on a standalone server, one command per hash slot (and page) on a
     /// cluster, where a multi-key command must stay in one slot.
