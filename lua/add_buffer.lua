@@ -36,7 +36,13 @@ Cost (it runs for every subsegment, so Redis CPU is mostly this script)
 
 KEYS
   KEYS[1]  the trace's redirect map "P:ssr:{pt}"; every key touched is in its
-           {pt} slot (the others depend on the root it resolves to).
+           {pt} slot (the others depend on the root it resolves to, so they
+           cannot be named before the call).
+  KEYS[2]  "P:guard:{pt}", a key nothing ever writes. Because it is always
+           missing, Redis Cluster refuses the call while the trace's slot
+           migrates (ASK from the migrating node, TRYAGAIN on the importing
+           one; the caller retries) instead of running it on either node
+           against half-moved keys. Outside a migration it changes nothing.
 
 ARGV
   1  key prefix (P)

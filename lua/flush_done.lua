@@ -21,13 +21,25 @@ Runs at and above maxmemory
   (maxmemory-policy noeviction); without the flag the lock's SET was refused
   and nothing could ever be flushed.
 
-KEYS
-  KEYS[1]  "<project_id>:<trace_id>" (pt); every key touched is in the {pt}
-           slot.
+KEYS (every key the script touches, all in the trace's {pt} slot; the
+same list as flush_load's, so Redis Cluster refuses the call while the slot
+migrates and one of them is not on the node, instead of running it against
+half-moved keys)
+  KEYS[1]  P:mk:{pt}:<root>      member-keys index
+  KEYS[2]  P:ic:<segment key>    ingested span count
+  KEYS[3]  P:ibc:<segment key>   ingested byte count
+  KEYS[4]  P:hrs:<segment key>   root flag
+  KEYS[5]  P:fs:<segment key>    first-seen time
+  KEYS[6]  P:cut:<segment key>   root a detached segment was cut from
+  KEYS[7]  P:fl:<segment key>    flush lock
+  KEYS[8]  P:ssr:{pt}            redirect map
+  KEYS[9]  P:dl:{pt}             delivered record
 
 ARGV
-  1  key prefix (P)
-  2  segment root id (or salt, for a detached segment)
+  1  key prefix (P) and
+  2  segment root id (or salt, for a detached segment): not read (KEYS
+     names everything); kept so the per-segment scripts share their
+     leading arguments
   3  flusher token
   4  spans of the snapshot that could not be loaded (already counted as
      dropped); subtracted from ic once, by the cleanup that removes salts
@@ -59,9 +71,9 @@ Returns a flat array
   [3..] salts this call removed from the index (unlink their payload sets)
 ]]
 
-local pt = KEYS[1]
-local prefix = ARGV[1]
-local root = ARGV[2]
+local mk_key, ic_key, ibc_key, hrs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local fs_key, cut_key, lock_key, ssr_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local dl_key = KEYS[9]
 local token = ARGV[3]
 local unloaded = tonumber(ARGV[4])
 local delivered_ttl = tonumber(ARGV[5])
@@ -69,13 +81,6 @@ local num_salts = tonumber(ARGV[6])
 local FIRST_SALT = 7
 local FIRST_SPAN = FIRST_SALT + 3 * math.max(num_salts, 0)
 local PAGE = 1000
-
-local tag = "{" .. pt .. "}"
-local segment_key = prefix .. ":s:" .. tag .. ":" .. root
-local function meta_key(kind) return prefix .. ":" .. kind .. ":" .. segment_key end
-local mk_key = prefix .. ":mk:" .. tag .. ":" .. root
-local ic_key = meta_key("ic")
-local ibc_key = meta_key("ibc")
 
 -- Never creates a key (it would have no TTL) and never goes below zero.
 local function subtract(key, n)
@@ -99,7 +104,6 @@ if #removed > 0 then
     spans = spans + unloaded
 end
 
-local ssr_key = prefix .. ":ssr:" .. tag
 local function forget_redirects()
     for i = FIRST_SPAN, #ARGV, PAGE do
         redis.call("HDEL", ssr_key, unpack(ARGV, i, math.min(i + PAGE - 1, #ARGV)))
@@ -117,7 +121,6 @@ local function record_delivered()
         parts[#parts + 1] = ARGV[i]
     end
     local ids = table.concat(parts, ",") .. ","
-    local dl_key = prefix .. ":dl:" .. tag
     if not redis.call("SET", dl_key, ids, "EX", delivered_ttl, "NX") then
         redis.call("APPEND", dl_key, ids)
         redis.call("EXPIRE", dl_key, delivered_ttl)
@@ -140,7 +143,7 @@ local deleted = 0
 if redis.call("EXISTS", mk_key) == 0 then
     -- Nothing else buffered: the segment is gone, and with it the redirects
     -- of the spans just delivered (a late child then starts a new segment).
-    redis.call("DEL", ic_key, ibc_key, meta_key("hrs"), meta_key("fs"), meta_key("cut"))
+    redis.call("DEL", ic_key, ibc_key, hrs_key, fs_key, cut_key)
     forget_redirects()
     deleted = 1
 elseif #removed > 0 then
@@ -150,7 +153,6 @@ elseif #removed > 0 then
 end
 
 local released = 0
-local lock_key = meta_key("fl")
 if redis.call("GET", lock_key) == token then
     redis.call("DEL", lock_key)
     released = 1

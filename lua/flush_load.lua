@@ -17,18 +17,42 @@ Runs at and above maxmemory
   (maxmemory-policy noeviction); without the flag the lock's SET was refused
   and nothing could ever be flushed.
 
-KEYS
-  KEYS[1]  "<project_id>:<trace_id>" (pt); every key touched is in the {pt}
-           slot.
+KEYS (every key the script touches, all in the trace's {pt} slot; the
+same list as flush_done's, so Redis Cluster refuses the call while the slot
+migrates and one of them is not on the node, instead of running it against
+half-moved keys)
+  KEYS[1]  P:mk:{pt}:<root>      member-keys index
+  KEYS[2]  P:ic:<segment key>    ingested span count
+  KEYS[3]  P:ibc:<segment key>   ingested byte count
+  KEYS[4]  P:hrs:<segment key>   (not touched here)
+  KEYS[5]  P:fs:<segment key>    (not touched here)
+  KEYS[6]  P:cut:<segment key>   root a detached segment was cut from
+  KEYS[7]  P:fl:<segment key>    flush lock
+  KEYS[8]  P:ssr:{pt}            redirect map
+  KEYS[9]  P:dl:{pt}             delivered record
 
 ARGV
-  1  key prefix (P)
+  1  key prefix (P); not read (KEYS names everything)
   2  segment root id (or salt, for a detached segment)
   3  flusher token
   4  lock TTL in milliseconds; 0 = locks disabled
+  5  lock hold in milliseconds (>= the TTL): how long the lock key stays
+     after its last refresh (see "The lock" below)
+
+The lock
+  The lock key lives the hold (the data's TTL), not the lock TTL: until the
+  cleanup deletes it, or until a successor takes the segment over. While it
+  exists add_buffer detaches new spans instead of merging them, so a
+  delivery whose cleanup never ran (the flusher died after the broker's
+  acknowledgement) is delivered again from the same snapshot, under the same
+  flush ids, and the spans that came meanwhile go out as a part of their
+  own. The holder refreshes the lock while it delivers; silent for the lock
+  TTL (hold - PTTL >= TTL) the holder is taken for dead and the lock taken
+  over. Only then is PTTL read: an uncontended lock costs one SET, as before.
 
 Returns a flat array
-  [1] 1 if locked (or locks are off, or the lock already held our token),
+  [1] 1 if locked (or locks are off, or the lock already held our token, or
+      its holder was silent for the lock TTL and the lock was taken over),
       0 if another flusher holds the lock (nothing else follows)
   [2] ingested span count (ic), -1 when absent
   [3] ingested byte count (ibc), -1 when absent
@@ -41,31 +65,32 @@ Returns a flat array
   [6..] salts of the member-keys index
 ]]
 
-local pt = KEYS[1]
-local prefix = ARGV[1]
+local mk_key, ic_key, ibc_key, cut_key = KEYS[1], KEYS[2], KEYS[3], KEYS[6]
+local lock_key, ssr_key, dl_key = KEYS[7], KEYS[8], KEYS[9]
 local root = ARGV[2]
 local token = ARGV[3]
 local lock_ttl_ms = tonumber(ARGV[4])
-
-local tag = "{" .. pt .. "}"
-local segment_key = prefix .. ":s:" .. tag .. ":" .. root
-local function meta_key(kind) return prefix .. ":" .. kind .. ":" .. segment_key end
+local hold_ms = tonumber(ARGV[5])
 
 if lock_ttl_ms > 0 then
-    local lock_key = meta_key("fl")
-    local got = redis.call("SET", lock_key, token, "NX", "PX", lock_ttl_ms)
+    local got = redis.call("SET", lock_key, token, "NX", "PX", hold_ms)
     if not got then
-        -- Our own lock, kept from a cycle whose delivery failed: take it
-        -- again (a fresh TTL) and deliver the same snapshot.
-        if redis.call("GET", lock_key) ~= token then
+        if redis.call("GET", lock_key) == token then
+            -- Our own lock, kept from a cycle whose delivery failed: take it
+            -- again and deliver the same snapshot.
+            redis.call("PEXPIRE", lock_key, hold_ms)
+        elseif hold_ms - redis.call("PTTL", lock_key) < lock_ttl_ms then
+            -- Another flusher's, refreshed within the lock TTL.
             return { 0 }
+        else
+            -- Its holder went silent (died after delivering, before its
+            -- cleanup): the snapshot is unchanged, deliver it again.
+            redis.call("SET", lock_key, token, "PX", hold_ms)
         end
-        redis.call("PEXPIRE", lock_key, lock_ttl_ms)
     end
 end
 
-local meta = redis.call("MGET", meta_key("ic"), meta_key("ibc"), meta_key("cut"),
-    prefix .. ":dl:" .. tag)
+local meta = redis.call("MGET", ic_key, ibc_key, cut_key, dl_key)
 local ic = tonumber(meta[1] or "-1")
 local ibc = tonumber(meta[2] or "-1")
 
@@ -75,7 +100,6 @@ if cut then
     -- The part was cut off from segment `cut`, which may since have been
     -- merged under a higher root.
     segment_id = cut
-    local ssr_key = prefix .. ":ssr:" .. tag
     for _ = 0, 100 do
         local next_root = redis.call("HGET", ssr_key, segment_id)
         if not next_root or next_root == segment_id then break end
@@ -84,7 +108,7 @@ if cut then
 end
 
 local result = { 1, ic, ibc, segment_id, meta[4] or "" }
-local salts = redis.call("SMEMBERS", prefix .. ":mk:" .. tag .. ":" .. root)
+local salts = redis.call("SMEMBERS", mk_key)
 for i = 1, #salts do
     result[#result + 1] = salts[i]
 end

@@ -5,11 +5,11 @@ lock_refresh.lua: extend a flush lock while its holder is still delivering
 
 Purpose
   A delivery can take longer than the lock TTL (a slow or recovering broker).
-  If the lock expired mid-delivery, another flusher could take the segment,
-  and a merge in that window could deliver the same spans again under a
-  different flush id. The holder therefore extends its locks while it waits
-  for the broker; only a lock that still holds the holder's token is
-  extended, so a lock lost to expiry is never taken back.
+  Silent for the lock TTL, a holder is taken for dead and its lock taken
+  over (flush_load), and another flusher would deliver the segment again.
+  The holder therefore refreshes its locks while it waits for the broker;
+  only a lock that still holds the holder's token is refreshed, so a lock
+  lost to a takeover (or deleted) is never taken back.
 
 Runs at and above maxmemory
   Flagged allow-oom (the first line): flushing is what frees memory, so the
@@ -18,28 +18,31 @@ Runs at and above maxmemory
   and nothing could ever be flushed.
 
 KEYS
-  KEYS[1]  "<project_id>:<trace_id>" (pt); the lock key is in the {pt} slot.
+  KEYS[1]  the flush lock P:fl:<segment key>, the only key touched (a
+           single key: while its slot migrates, Redis runs the call on
+           whichever node holds the lock, or on the importing node when
+           neither does, which then answers 0).
 
 ARGV
-  1  key prefix (P)
-  2  segment root id (or salt, for a detached segment)
+  1  key prefix (P) and
+  2  segment root id (or salt, for a detached segment): not read (KEYS[1]
+     names the lock); kept so the per-segment scripts share their leading
+     arguments
   3  flusher token
-  4  lock TTL in milliseconds
+  4  lock hold in milliseconds (flush_load's ARGV[5]): a refresh restarts
+     it, which tells other flushers the holder is alive
 
 Returns 1 if the lock was still ours and is extended, 0 otherwise.
 
 Cluster slot: {pt}, the slot of KEYS[1].
 ]]
 
-local pt = KEYS[1]
-local prefix = ARGV[1]
-local root = ARGV[2]
+local lock_key = KEYS[1]
 local token = ARGV[3]
-local lock_ttl_ms = tonumber(ARGV[4])
+local hold_ms = tonumber(ARGV[4])
 
-local lock_key = prefix .. ":fl:" .. prefix .. ":s:{" .. pt .. "}:" .. root
 if redis.call("GET", lock_key) == token then
-    redis.call("PEXPIRE", lock_key, lock_ttl_ms)
+    redis.call("PEXPIRE", lock_key, hold_ms)
     return 1
 end
 return 0

@@ -21,7 +21,9 @@ use crate::metrics::Metrics;
 use crate::sink::{Delivery, Sink, SinkError, Undelivered};
 use crate::span::compress::decode_member;
 use crate::span::record::{build_records, BuiltSegment, FlushedSegment, SegmentPayloads};
-use crate::store::{DeliveredSalt, DoneRequest, Keys, LoadRequest, Loaded, Store, StoreError};
+use crate::store::{
+    DeliveredSalt, DoneRequest, Keys, LoadRequest, Loaded, LockTimes, Store, StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
@@ -41,6 +43,8 @@ pub struct FlushSettings {
     pub max_flush_segments: usize,
     /// 0 = locks disabled.
     pub lock_ttl_ms: u64,
+    /// How long a lock stays after its last refresh ([`LockTimes`]).
+    pub lock_hold_ms: u64,
     pub max_segment_bytes: usize,
     pub page_size: usize,
     /// `SPANBUF_MAX_FLUSH_BYTES`: the cycle's byte budget.
@@ -61,6 +65,11 @@ impl FlushSettings {
         Self {
             max_flush_segments: config.buffer.max_flush_segments,
             lock_ttl_ms: config.buffer.flush_lock_ttl_secs * 1000,
+            lock_hold_ms: config
+                .redis
+                .ttl_secs
+                .max(config.buffer.flush_lock_ttl_secs)
+                .saturating_mul(1000),
             // Within the output's message limit when the operator lowered it.
             max_segment_bytes: usize::try_from(crate::kafka::producer::record_chunk_bytes(config))
                 .unwrap_or(usize::MAX),
@@ -225,6 +234,13 @@ impl Flusher {
     /// TTL, so a delivery slower than the TTL keeps its segments (see
     /// `lua/lock_refresh.lua`). A failed refresh is logged; the delivery goes
     /// on either way (its records are already on their way).
+    fn lock_times(&self) -> LockTimes {
+        LockTimes {
+            ttl_ms: self.settings.lock_ttl_ms,
+            hold_ms: self.settings.lock_hold_ms.max(self.settings.lock_ttl_ms),
+        }
+    }
+
     async fn refreshing_locks<T>(
         &self,
         held: &[LoadRequest<'_>],
@@ -240,7 +256,7 @@ impl Flusher {
             tokio::select! {
                 out = &mut delivery => return out,
                 () = tokio::time::sleep(every) => {
-                    match self.store.refresh_locks(held, &self.token, ttl_ms).await {
+                    match self.store.refresh_locks(held, &self.token, self.lock_times()).await {
                         Ok(kept) => {
                             self.metrics.flush_lock_refreshes_total.inc();
                             if kept < held.len() {
@@ -466,7 +482,7 @@ impl Flusher {
             .collect();
         let loaded = self
             .store
-            .lock_and_load(&requests, &self.token, self.settings.lock_ttl_ms)
+            .lock_and_load(&requests, &self.token, self.lock_times())
             .await?;
         let mut snapshots = Vec::new();
         // The cycle's byte budget (docs/design.md §6 step 1): segments are

@@ -89,6 +89,22 @@ fn send_signal(pid: u32, signal: &str) {
 /// `spanbuf audit` of the output topic against `inputs`, with the worker's
 /// metrics for the conservation check; its JSON report.
 fn audit(broker: &Broker, redis: &RedisServer, inputs: &[&Lines], worker: &Worker) -> Value {
+    audit_fleet(
+        broker,
+        ("SPANBUF_REDIS_URL", redis.url()),
+        inputs,
+        &[worker],
+    )
+}
+
+/// [`audit`] for any Redis (`redis` = the variable naming it) and a fleet of
+/// workers, whose metrics add up in the conservation check.
+fn audit_fleet(
+    broker: &Broker,
+    redis: (&str, String),
+    inputs: &[&Lines],
+    workers: &[&Worker],
+) -> Value {
     let dir = tempfile::tempdir().expect("tempdir");
     let spans = dir.path().join("spans.ndjson");
     let mut text = Vec::new();
@@ -99,24 +115,28 @@ fn audit(broker: &Broker, redis: &RedisServer, inputs: &[&Lines], worker: &Worke
         }
     }
     std::fs::write(&spans, text).expect("write spans");
-    let metrics = dir.path().join("metrics.txt");
-    let (_, body) = worker.get("/metrics").expect("metrics");
-    std::fs::write(&metrics, body).expect("write metrics");
+    let mut args = vec![
+        "audit".to_string(),
+        "--spans".into(),
+        spans.to_str().expect("utf-8").into(),
+        "--records-topic".into(),
+        OUTPUT.into(),
+        "--idle-secs".into(),
+        "3".into(),
+    ];
+    for (i, worker) in workers.iter().enumerate() {
+        let metrics = dir.path().join(format!("metrics-{i}.txt"));
+        let (_, body) = worker.get("/metrics").expect("metrics");
+        std::fs::write(&metrics, body).expect("write metrics");
+        args.push("--metrics".into());
+        args.push(metrics.to_str().expect("utf-8").into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = support::spanbuf(
-        &[
-            "audit",
-            "--spans",
-            spans.to_str().expect("utf-8"),
-            "--records-topic",
-            OUTPUT,
-            "--idle-secs",
-            "3",
-            "--metrics",
-            metrics.to_str().expect("utf-8"),
-        ],
+        &args,
         &[
             ("SPANBUF_KAFKA_BROKERS", &broker.bootstrap()),
-            ("SPANBUF_REDIS_URL", &redis.url()),
+            (redis.0, &redis.1),
         ],
     );
     let stdout = support::text(&out.stdout);
@@ -220,6 +240,70 @@ fn sigkill_after_deliver_before_cleanup() {
         100 + crash.delivered_before.len(),
         "the delivered segments came again (same flush_id, checked per span)"
     );
+}
+
+/// Issue 12 item 8, the window after a crash: a worker killed after the
+/// broker acknowledged its records, before its cleanup, left locks that
+/// expired with their TTL. A span that came after that (here each trace's
+/// late grandchild, read by the successor before it flushes) merged into
+/// the segment, and the successor delivered it again from a changed
+/// snapshot: every span the dead worker had delivered came twice under
+/// different flush ids. Now the lock stays until the cleanup (or the
+/// data's TTL) and is taken over once its holder has been silent for the
+/// lock TTL; the late spans detach. The re-delivery carries the first
+/// delivery's flush ids, the late spans come in records of their own under
+/// the same segment ids. (No conservation check: the dead worker's
+/// counters died with it.)
+#[test]
+fn a_span_arriving_after_a_crash_before_cleanup_keeps_the_flush_ids() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let vars = |fault: Option<&str>| {
+        let mut vars = vec![
+            ("SPANBUF_REDIS_URL", redis.url()),
+            (LOCK_TTL.0, LOCK_TTL.1.into()),
+        ];
+        if let Some(point) = fault {
+            vars.push(("SPANBUF_FAULT_POINT", point.into()));
+        }
+        vars
+    };
+    let mut a = Worker::start_with(&broker, &vars(Some("after_deliver")));
+    let (lines, mut expected) = spans(0);
+    produce(&broker, &lines);
+    let status = a.wait_exit(Duration::from_secs(90));
+    assert_eq!(status.signal(), Some(9), "killed after delivering");
+    let mut output = Output::new(&broker);
+    output.read_quiet(Duration::from_secs(2), Duration::from_secs(30));
+    let delivered_first = output.spans.len();
+    assert!(delivered_first > 0, "the first delivery went out");
+
+    // Past the lock TTL, a grandchild under each trace's first child.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut late = Lines::new();
+    for t in 0..100u64 {
+        let trace = format!("{:032x}", 0xabc0_0000 + t);
+        let id = |n: u64| format!("{:016x}", (t << 8) + n + 1);
+        let span = serde_json::json!({"trace_id": trace, "span_id": id(8),
+            "parent_span_id": id(1), "project_id": 1, "start_timestamp": 1.0,
+            "end_timestamp": 2.0, "description": "late"});
+        late.push((trace, serde_json::to_vec(&span).expect("json")));
+        expected.insert(id(8), id(0));
+    }
+    produce(&broker, &late);
+    let mut b = Worker::start_with(&broker, &vars(None));
+    read_all(&mut output, &expected, Some(&redis));
+    let report = audit(&broker, &redis, &[&lines, &late], &b);
+    eprintln!(
+        "first delivery {delivered_first} spans; duplicates {}, under another flush id {}",
+        report["duplicated_same_flush_id"], report["duplicated_with_other_flush_id"]
+    );
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["wrong_root"], 0, "{report}");
+    assert_nothing_dropped(&b);
+    b.stop_cleanly();
 }
 
 /// Killed halfway through cleanup: the cleaned half is gone from Redis, the
@@ -483,6 +567,201 @@ fn redis_cluster_node_restart_under_load() {
     read_all(&mut output, &expected, None);
     assert_nothing_dropped(&worker);
     worker.stop_cleanly();
+}
+
+/// Issue 12 item 7: Redis Cluster slot migration under load. While a slot
+/// migrates, its keys sit partly on the old node and partly on the new
+/// one. Scripts that declared only a routing key could run on either node
+/// against half the trace's keys (creating a new segment on the importing
+/// node next to the one still on the migrating node, which then makes
+/// `MIGRATE` fail with BUSYKEY), and the redirect errors were not retried.
+/// Here `redis-cli --cluster reshard` moves a third of the slots around the
+/// three primaries, three times, while two workers ingest and flush: every
+/// reshard completes, both workers stay up, and the audit is clean.
+#[test]
+fn redis_cluster_slot_migration_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let cluster = support::RedisCluster::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let vars = [("SPANBUF_REDIS_CLUSTER_URLS", cluster.urls().join(","))];
+    let mut a = Worker::start_with(&broker, &vars);
+    let mut b = Worker::start_with(&broker, &vars);
+    wait_sharing(&a, &b, true);
+
+    let admin = cluster.admin();
+    let ids = admin.ids();
+    let entry = format!("127.0.0.1:{}", cluster.nodes()[0].port());
+    let reshard = |from: usize, to: usize| {
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &entry])
+            .args(["--cluster-from", &ids[from], "--cluster-to", &ids[to]])
+            .args(["--cluster-slots", "2000", "--cluster-yes"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        let stdout = support::text(&out.stdout);
+        assert!(
+            out.status.success() && !stdout.contains("[ERR]"),
+            "reshard {from} -> {to} failed: {}\n{}",
+            stdout
+                .lines()
+                .filter(|l| l.contains("ERR"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            support::text(&out.stderr)
+        );
+    };
+
+    // Waves of traces keep arriving (and segments keep falling due) for as
+    // long as slots move.
+    let done = AtomicBool::new(false);
+    let (inputs, expected) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            let mut inputs = Vec::new();
+            let mut expected = BTreeMap::new();
+            let mut wave = 0;
+            while wave < 3 || (!done.load(Ordering::Relaxed) && wave < 60) {
+                let (lines, more) = spans(wave * 1000);
+                produce(&broker, &lines);
+                inputs.push(lines);
+                expected.extend(more);
+                wave += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            (inputs, expected)
+        });
+        wait_for("the first wave in Redis", Duration::from_secs(60), || {
+            a.metric("spanbuf_spans_consumed_total").unwrap_or(0.0)
+                + b.metric("spanbuf_spans_consumed_total").unwrap_or(0.0)
+                >= 400.0
+        });
+        for (from, to) in [(0, 1), (1, 2), (2, 0)] {
+            let started = std::time::Instant::now();
+            reshard(from, to);
+            eprintln!("reshard {from} -> {to}: {:?}", started.elapsed());
+            cluster.wait_ready(Duration::from_secs(60));
+        }
+        done.store(true, Ordering::Relaxed);
+        producer.join().expect("producer thread")
+    });
+
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, None);
+    for worker in [&mut a, &mut b] {
+        assert!(
+            worker.child.try_wait().expect("try_wait").is_none(),
+            "a worker exited during the migration"
+        );
+    }
+    // The migration did meet the workers' calls.
+    let redirected = admin.redirect_replies();
+    eprintln!("calls answered with ASK, TRYAGAIN or MOVED: {redirected}");
+    assert!(redirected > 0, "no call met a migrating slot");
+    let inputs: Vec<&Lines> = inputs.iter().collect();
+    let report = audit_fleet(&broker, vars[0].clone(), &inputs, &[&a, &b]);
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["wrong_root"], 0, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    assert_eq!(report["conservation"]["dropped"], 0, "{report}");
+    for worker in [&mut a, &mut b] {
+        worker.stop_cleanly();
+    }
+}
+
+/// Issue 12 item 7, the hard case: slots held half-migrated. Every slot of
+/// 100 buffered traces is opened for migration (`CLUSTER SETSLOT …
+/// MIGRATING / IMPORTING`) and every other key of it moved with `MIGRATE`;
+/// the rest of the traces' spans are produced and their segments fall due
+/// while the keys stay split for 5 s; then the remaining keys are moved
+/// and the slots assigned. The scripts must not run on either node against
+/// half the keys: Redis refuses them (every key they touch is declared,
+/// add_buffer declares a key that never exists), the workers retry, and
+/// everything is delivered once the slots are home; the final `MIGRATE`
+/// finds no key created on the importing node in the meantime (BUSYKEY).
+#[test]
+fn redis_cluster_half_migrated_slots_under_load() {
+    let cluster = support::RedisCluster::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let vars = [
+        ("SPANBUF_REDIS_CLUSTER_URLS", cluster.urls().join(",")),
+        // Buffered while the keys are split, due before they are whole.
+        ("SPANBUF_ROOT_TIMEOUT_SECS", "3".into()),
+        ("SPANBUF_TIMEOUT_SECS", "4".into()),
+    ];
+    let mut a = Worker::start_with(&broker, &vars);
+    let mut b = Worker::start_with(&broker, &vars);
+    wait_sharing(&a, &b, true);
+    let consumed = |a: &Worker, b: &Worker| {
+        a.metric("spanbuf_spans_consumed_total").unwrap_or(0.0)
+            + b.metric("spanbuf_spans_consumed_total").unwrap_or(0.0)
+    };
+
+    let (lines, expected) = spans(0);
+    // Per trace: the root and its children first, the grandchildren later.
+    let (first, rest): (Vec<_>, Vec<_>) = lines.iter().enumerate().partition(|(i, _)| i % 8 < 4);
+    let first: Lines = first.into_iter().map(|(_, l)| l.clone()).collect();
+    let rest: Lines = rest.into_iter().map(|(_, l)| l.clone()).collect();
+    produce(&broker, &first);
+    wait_for("the first half in Redis", Duration::from_secs(60), || {
+        consumed(&a, &b) == 400.0
+    });
+
+    let admin = cluster.admin();
+    let slots: BTreeSet<i64> = first
+        .iter()
+        .map(|(trace, _)| admin.keyslot(&format!("1:{trace}")))
+        .collect();
+    // (slot, from, to)
+    let moves: Vec<(i64, usize, usize)> = slots
+        .iter()
+        .map(|&slot| {
+            let from = admin.owner(slot);
+            (slot, from, (from + 1) % 3)
+        })
+        .collect();
+    let mut moved = 0;
+    for &(slot, from, to) in &moves {
+        admin.open(slot, from, to);
+        let mut every_other = false;
+        moved += admin.migrate(slot, from, to, |_| {
+            every_other = !every_other;
+            every_other
+        });
+    }
+    eprintln!("{} slots half migrated ({moved} keys moved)", moves.len());
+    let redirects_before = admin.redirect_replies();
+    produce(&broker, &rest);
+    std::thread::sleep(Duration::from_secs(5));
+    let redirects_split = admin.redirect_replies() - redirects_before;
+    eprintln!("ASK/TRYAGAIN/MOVED replies while split: {redirects_split}");
+    for &(slot, from, to) in &moves {
+        admin.finish(slot, from, to);
+    }
+    cluster.wait_ready(Duration::from_secs(60));
+    assert!(redirects_split > 0, "no call met a split slot");
+
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, None);
+    for worker in [&mut a, &mut b] {
+        assert!(
+            worker.child.try_wait().expect("try_wait").is_none(),
+            "a worker exited while slots were split"
+        );
+    }
+    let report = audit_fleet(&broker, vars[0].clone(), &[&lines], &[&a, &b]);
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["duplicated_with_other_flush_id"], 0, "{report}");
+    assert_eq!(report["wrong_root"], 0, "{report}");
+    assert_eq!(report["conservation"]["unaccounted"], 0, "{report}");
+    assert_eq!(report["conservation"]["dropped"], 0, "{report}");
+    assert_eq!(output.records, 100, "each segment once, whole");
+    for worker in [&mut a, &mut b] {
+        worker.stop_cleanly();
+    }
 }
 
 /// A delivery slower than the flush-lock TTL: the holder keeps extending

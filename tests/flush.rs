@@ -1602,6 +1602,91 @@ async fn spans_read_again_after_their_flush_are_duplicates(backend: Backend) {
     env.assert_only_redirects_left().await;
 }
 
+/// Delivers into `inner`; during the first delivery it opens the slot of
+/// `key` for migration and moves `key` alone to the next node, then
+/// finishes the migration from another thread `split_for` later.
+struct MigratingSink {
+    inner: Collect,
+    admin: support::ClusterAdmin,
+    key: String,
+    split_for: Duration,
+    finisher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Sink for MigratingSink {
+    async fn deliver(&self, records: &[FlushedSegment]) -> Result<Delivery, SinkError> {
+        let first = self.finisher.lock().expect("lock").is_none();
+        if first {
+            let slot = self.admin.keyslot(&self.key);
+            let from = self.admin.owner(slot);
+            let to = (from + 1) % 3;
+            self.admin.open(slot, from, to);
+            assert_eq!(self.admin.migrate(slot, from, to, |k| k == self.key), 1);
+            let (admin, split_for) = (self.admin.clone(), self.split_for);
+            *self.finisher.lock().expect("lock") = Some(std::thread::spawn(move || {
+                std::thread::sleep(split_for);
+                admin.finish(slot, from, to);
+            }));
+        }
+        self.inner.deliver(records).await
+    }
+}
+
+/// Issue 12 item 7 at the level of one script: a segment's cleanup meets
+/// its slot half migrated, the member-keys index already on the importing
+/// node, the counters, redirects and lock still on the migrating one. The
+/// old `flush_done` declared one key that never exists, so Redis sent it
+/// to the importing node (ASK), where it removed the delivered salts from
+/// the index and then failed on the keys that had not arrived; its retry
+/// found nothing to remove, so the payload sets were never unlinked and no
+/// delivered record was written. Declaring every key it touches makes
+/// Redis refuse the call (TRYAGAIN) until the slot is whole; the flusher's
+/// cleanup retries and then does all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_that_meets_a_half_migrated_slot_waits_for_it() {
+    let mut env = Env::start(Backend::Cluster, |c| {
+        c.redis.timeout_ms = 1000;
+        c.buffer.flush_lock_ttl_secs = 30;
+    })
+    .await;
+    let t = trace(70);
+    let spans: Vec<TestSpan> = (1..=3u64)
+        .map(|n| TestSpan::new(&t, &id(n), (n > 1).then(|| id(1)).as_deref()))
+        .collect();
+    let pt = spans[0].pt();
+    env.ingest(&spans, T0).await;
+    let admin = env.cluster().expect("a cluster").admin();
+    let before = admin.redirect_replies();
+    let sink = MigratingSink {
+        inner: Collect::default(),
+        admin: admin.clone(),
+        key: env.keys().member_keys(&pt, &id(1)),
+        split_for: Duration::from_secs(3),
+        finisher: Mutex::new(None),
+    };
+    let out = env
+        .flusher()
+        .flush_cycle(&[0], T0 + 100.0, &sink)
+        .await
+        .expect("the cycle rides over the migration");
+    sink.finisher
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("the sink split the slot")
+        .join()
+        .expect("migration finished");
+    assert!(
+        admin.redirect_replies() > before,
+        "the cleanup met the split slot"
+    );
+    assert_eq!(out.spans_flushed, 3);
+    assert_eq!(index(&sink.inner.take()).len(), 3);
+    assert_eq!(env.delivered(&pt).await.len(), 3, "the delivered record");
+    assert_eq!(env.dropped("expired"), 0);
+    assert_drained(&mut env).await;
+}
+
 /// Issue 12 item 13: one trace id carrying a flood of spans (an abusive
 /// client) grew its redirect map, its slot and every script call on it
 /// without bound, while Redis runs each call with every other client

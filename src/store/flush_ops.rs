@@ -23,6 +23,24 @@ pub struct QueueSnapshot {
     pub due: Vec<(String, String)>,
 }
 
+/// How long a flush lock protects its holder, and how long it stays.
+///
+/// A lock lives `hold_ms` from its last refresh: until the cleanup deletes
+/// it, or for the data's TTL after its holder died. While it exists, spans
+/// that arrive detach instead of merging into the snapshot (`add_buffer`), so
+/// a delivery whose cleanup never ran (a crash after the broker's
+/// acknowledgement) is delivered again from the same snapshot, under the same
+/// flush ids. Another flusher takes a lock over once its holder has been
+/// silent for `ttl_ms` (`flush_load`: `hold_ms − PTTL ≥ ttl_ms`); the holder
+/// refreshes it every third of that while it delivers.
+#[derive(Debug, Clone, Copy)]
+pub struct LockTimes {
+    /// `SPANBUF_FLUSH_LOCK_TTL_SECS` in ms; 0 = locks disabled.
+    pub ttl_ms: u64,
+    /// At least `ttl_ms`: `SPANBUF_REDIS_TTL_SECS` in ms.
+    pub hold_ms: u64,
+}
+
 /// A segment to lock and load.
 #[derive(Debug, Clone)]
 pub struct LoadRequest<'a> {
@@ -90,18 +108,26 @@ pub struct DoneReply {
 
 impl Store {
     /// One call of a per-segment script for each segment, all with the same
-    /// arguments: key prefix, segment root, flusher token, then `tail`.
+    /// arguments: key prefix, segment root, flusher token, then `tail`;
+    /// `KEYS` = every key of the segment ([`SegmentKeys::all`]), or with
+    /// `lock_only` just its flush lock (`lock_refresh`).
     fn segment_calls(
         &self,
         script: &super::scripts::LuaScript,
         segments: &[LoadRequest<'_>],
         token: &str,
         tail: &[u64],
+        lock_only: bool,
     ) -> Vec<Op> {
         segments
             .iter()
             .map(|s| {
-                let mut call = script.call(&s.pt);
+                let keys = self.keys().segment_keys(&s.pt, s.root);
+                let mut call = if lock_only {
+                    script.call(&[&keys.flush_lock])
+                } else {
+                    script.call(&keys.all())
+                };
                 call.arg(self.keys().prefix()).arg(s.root).arg(token);
                 for arg in tail {
                     call.arg(*arg);
@@ -161,15 +187,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Locks (unless `lock_ttl_ms` is 0) and snapshots every segment, one
+    /// Locks (unless `lock.ttl_ms` is 0) and snapshots every segment, one
     /// `flush_load` call each, in one round trip.
     pub async fn lock_and_load(
         &self,
         segments: &[LoadRequest<'_>],
         token: &str,
-        lock_ttl_ms: u64,
+        lock: LockTimes,
     ) -> Result<Vec<Loaded>, StoreError> {
-        let ops = self.segment_calls(&self.scripts.flush_load, segments, token, &[lock_ttl_ms]);
+        let ops = self.segment_calls(
+            &self.scripts.flush_load,
+            segments,
+            token,
+            &[lock.ttl_ms, lock.hold_ms],
+            false,
+        );
         let replies = self.exec("lock and load segments", &ops).await?;
         replies.into_iter().map(parse_loaded).collect()
     }
@@ -239,9 +271,15 @@ impl Store {
         &self,
         segments: &[LoadRequest<'_>],
         token: &str,
-        lock_ttl_ms: u64,
+        lock: LockTimes,
     ) -> Result<usize, StoreError> {
-        let ops = self.segment_calls(&self.scripts.lock_refresh, segments, token, &[lock_ttl_ms]);
+        let ops = self.segment_calls(
+            &self.scripts.lock_refresh,
+            segments,
+            token,
+            &[lock.hold_ms],
+            true,
+        );
         let replies = self.exec("refresh flush locks", &ops).await?;
         Ok(replies
             .iter()
@@ -258,7 +296,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         // Nothing unloaded, no delivered record, zero salts and span ids:
         // only the lock is released.
-        let ops = self.segment_calls(&self.scripts.flush_done, segments, token, &[0, 0, 0]);
+        let ops = self.segment_calls(&self.scripts.flush_done, segments, token, &[0, 0, 0], false);
         self.exec("release flush locks", &ops).await?;
         Ok(())
     }
@@ -277,7 +315,7 @@ impl Store {
         let ops: Vec<Op> = by_queue
             .into_iter()
             .map(|(queue, members)| {
-                let mut call = self.scripts.queue_remove.call(queue);
+                let mut call = self.scripts.queue_remove.call(&[queue]);
                 for (member, score) in members {
                     call.arg(member).arg(score);
                 }
@@ -310,7 +348,8 @@ impl Store {
         let ops: Vec<Op> = done
             .iter()
             .map(|d| {
-                let mut call = self.scripts.flush_done.call(&d.pt);
+                let keys = self.keys().segment_keys(&d.pt, d.root);
+                let mut call = self.scripts.flush_done.call(&keys.all());
                 call.arg(self.keys().prefix())
                     .arg(d.root)
                     .arg(token)
@@ -349,7 +388,8 @@ impl Store {
                 continue;
             }
             for page in d.span_ids.chunks(SPAN_IDS_PER_CALL).skip(1) {
-                let mut call = self.scripts.flush_done.call(&d.pt);
+                let keys = self.keys().segment_keys(&d.pt, d.root);
+                let mut call = self.scripts.flush_done.call(&keys.all());
                 call.arg(self.keys().prefix())
                     .arg(d.root)
                     .arg(token)
@@ -372,7 +412,7 @@ impl Store {
             }
         }
         for (queue, entries) in by_queue {
-            let mut call = self.scripts.queue_remove.call(queue);
+            let mut call = self.scripts.queue_remove.call(&[queue]);
             for d in entries {
                 call.arg(d.segment_key).arg(d.score);
             }

@@ -102,7 +102,10 @@ impl Store {
             payload_ops.push(Op::new(payload_key.clone(), sadd));
             payload_ops.push(Op::new(payload_key, expire));
 
-            let mut call = self.scripts.add_buffer.call(&keys.redirects(&write.pt));
+            let mut call = self
+                .scripts
+                .add_buffer
+                .call(&[&keys.redirects(&write.pt), &keys.guard(&write.pt)]);
             call.arg(keys.prefix())
                 .arg(write.parent)
                 .arg(if write.has_segment_span { "1" } else { "0" })

@@ -22,6 +22,38 @@ pub struct SegmentRef {
     pub root: String,
 }
 
+/// The keys of one segment and of its trace that the flush scripts touch
+/// (all in the `{pt}` slot).
+#[derive(Debug, Clone)]
+pub struct SegmentKeys {
+    pub member_keys: String,
+    pub ingested_count: String,
+    pub ingested_bytes: String,
+    pub has_root: String,
+    pub first_seen: String,
+    pub cut_from: String,
+    pub flush_lock: String,
+    pub redirects: String,
+    pub delivered: String,
+}
+
+impl SegmentKeys {
+    /// The `KEYS` of `flush_load` and `flush_done`, in their headers' order.
+    pub fn all(&self) -> [&str; 9] {
+        [
+            &self.member_keys,
+            &self.ingested_count,
+            &self.ingested_bytes,
+            &self.has_root,
+            &self.first_seen,
+            &self.cut_from,
+            &self.flush_lock,
+            &self.redirects,
+            &self.delivered,
+        ]
+    }
+}
+
 impl Keys {
     pub fn new(prefix: impl Into<String>, slice_id: Option<u32>) -> Self {
         Self {
@@ -34,9 +66,7 @@ impl Keys {
         &self.prefix
     }
 
-    /// `project_id:trace_id`, the hash tag of a trace's segment keys. As a bare
-    /// key it hashes to the same slot as every `{pt}` key, which is why Lua
-    /// scripts take it as `KEYS[1]`.
+    /// `project_id:trace_id`, the hash tag of a trace's segment keys.
     pub fn pt(project_id: u64, trace_id: &str) -> String {
         format!("{project_id}:{trace_id}")
     }
@@ -60,6 +90,31 @@ impl Keys {
     /// a comma: `P:dl:{pt}` (docs/design.md §6, the delivered record).
     pub fn delivered(&self, pt: &str) -> String {
         format!("{}:dl:{{{pt}}}", self.prefix)
+    }
+
+    /// spanbuf's own: a key in the trace's slot that nothing ever writes,
+    /// `P:guard:{pt}`. `add_buffer` declares it beside the redirect map: a
+    /// call that declares a missing key is refused while its slot migrates
+    /// (ASK, then TRYAGAIN on the importing node), so the script never runs
+    /// against a trace whose keys are half moved (docs/design.md §4).
+    pub fn guard(&self, pt: &str) -> String {
+        format!("{}:guard:{{{pt}}}", self.prefix)
+    }
+
+    /// Every key the per-segment flush scripts touch, for their `KEYS`.
+    pub fn segment_keys(&self, pt: &str, root: &str) -> SegmentKeys {
+        let segment = self.segment(pt, root);
+        SegmentKeys {
+            member_keys: self.member_keys(pt, root),
+            ingested_count: self.ingested_count(&segment),
+            ingested_bytes: self.ingested_bytes(&segment),
+            has_root: self.has_root(&segment),
+            first_seen: self.first_seen(&segment),
+            cut_from: self.cut_from(&segment),
+            flush_lock: self.flush_lock(&segment),
+            redirects: self.redirects(pt),
+            delivered: self.delivered(pt),
+        }
     }
 
     /// Segment key `P:s:{pt}:root`: queue member and suffix of the metadata keys.
@@ -178,6 +233,8 @@ mod tests {
             keys.ingested_count(&seg),
             keys.flush_lock(&seg),
             keys.first_seen(&seg),
+            keys.guard(&pt),
+            keys.segment_keys(&pt, "aaaaaaaaaaaaaaaa").delivered,
         ] {
             assert_eq!(Slot::for_key(&key), slot, "{key}");
         }

@@ -21,7 +21,8 @@ pub mod keys;
 pub mod scripts;
 
 pub use flush_ops::{
-    DeliveredSalt, DoneReply, DoneRequest, LoadRequest, Loaded, PayloadSet, QueueSnapshot,
+    DeliveredSalt, DoneReply, DoneRequest, LoadRequest, Loaded, LockTimes, PayloadSet,
+    QueueSnapshot,
 };
 pub use ingest_ops::{Detach, InsertParams, InsertReply, QueueUpdate, SubsegmentWrite};
 pub use inspect_ops::{scan_pattern, KeyFamily, Primary, PrimaryStats, QueueStats, ScanPage};
@@ -112,6 +113,8 @@ impl StoreError {
                 "BUSY",
                 "TRYAGAIN",
                 "CLUSTERDOWN",
+                "MOVED",
+                "ASK",
                 "MASTERDOWN",
                 "OOM",
             ]

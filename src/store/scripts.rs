@@ -27,12 +27,13 @@ impl LuaScript {
         self.source
     }
 
-    /// `EVALSHA sha 1 <key>`; the caller appends the ARGV. One key only: it
-    /// names the slot, the script derives the rest (see each script's header
-    /// for what its KEYS[1] is).
-    pub fn call(&self, slot_key: &str) -> redis::Cmd {
+    /// `EVALSHA sha <n> <keys…>`; the caller appends the ARGV. `keys` are
+    /// the script's `KEYS` in its header's order, all in one slot: Redis
+    /// Cluster routes the call by them and, while that slot migrates,
+    /// refuses it unless every one of them is on the node (docs/design.md §4).
+    pub fn call(&self, keys: &[&str]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.sha).arg(1).arg(slot_key);
+        cmd.arg(&self.sha).arg(keys.len()).arg(keys);
         cmd
     }
 

@@ -107,6 +107,14 @@ impl Env {
         }
     }
 
+    /// The cluster, for a test that moves slots (`None` when standalone).
+    pub fn cluster(&self) -> Option<&RedisCluster> {
+        match &self._servers {
+            Servers::Cluster(cluster) => Some(cluster),
+            Servers::Standalone(_) => None,
+        }
+    }
+
     pub fn keys(&self) -> &Keys {
         self.store.keys()
     }
@@ -131,9 +139,19 @@ impl Env {
     /// Takes the flush lock of `segment_key` as another flusher would.
     pub async fn hold_lock(&mut self, segment_key: &str, owner: &str) -> String {
         let lock = self.keys().flush_lock(segment_key);
+        // As a live flusher holds it: just taken, so its hold is whole
+        // (docs/design.md §6 step 2; a lock silent for the lock TTL would
+        // be taken over).
+        let hold_ms = spanbuf::flush::FlushSettings::from_config(&self.config).lock_hold_ms;
         let _: () = self
             .inspect
-            .query(redis::cmd("SET").arg(&lock).arg(owner).arg("EX").arg(30))
+            .query(
+                redis::cmd("SET")
+                    .arg(&lock)
+                    .arg(owner)
+                    .arg("PX")
+                    .arg(hold_ms),
+            )
             .await;
         lock
     }

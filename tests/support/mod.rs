@@ -85,6 +85,143 @@ const CLUSTER_SLOTS: i64 = 16384;
 /// Masters in the test cluster.
 const CLUSTER_MASTERS: usize = 3;
 
+/// Slot migration by hand, the steps `redis-cli --cluster reshard` takes
+/// for each slot, with the pauses in between that a test needs: open the
+/// slot (`CLUSTER SETSLOT … IMPORTING` on the target, `… MIGRATING` on the
+/// source), move keys with `MIGRATE`, assign the slot (`… NODE`) everywhere.
+/// Nodes are named by their index in `RedisCluster::nodes()`.
+#[derive(Clone, Debug)]
+pub struct ClusterAdmin {
+    ports: Vec<u16>,
+    ids: Vec<String>,
+}
+
+impl ClusterAdmin {
+    fn conn(&self, node: usize) -> redis::Connection {
+        connect_sync(self.ports[node]).expect("cluster node answers")
+    }
+
+    /// Node ids, as `CLUSTER MYID` gives them (for `redis-cli --cluster`).
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// The slot `key` hashes to.
+    pub fn keyslot(&self, key: &str) -> i64 {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut self.conn(0))
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// The node serving `slot`.
+    pub fn owner(&self, slot: i64) -> usize {
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut self.conn(0))
+            .expect("CLUSTER SLOTS");
+        let map = slot_map(&slots).expect("CLUSTER SLOTS reply");
+        let (_, _, port) = map
+            .into_iter()
+            .find(|&(start, end, _)| (start..=end).contains(&slot))
+            .unwrap_or_else(|| panic!("no primary serves slot {slot}"));
+        self.ports
+            .iter()
+            .position(|&p| i64::from(p) == port)
+            .expect("a node of this cluster")
+    }
+
+    /// Opens `slot` for migration from node `from` to node `to`.
+    pub fn open(&self, slot: i64, from: usize, to: usize) {
+        for (node, state, peer) in [(to, "IMPORTING", from), (from, "MIGRATING", to)] {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(&self.ids[peer])
+                .query::<()>(&mut self.conn(node))
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state}: {e}"));
+        }
+    }
+
+    /// Moves the keys of `slot` still on `from` that `pick` chooses to `to`
+    /// with one `MIGRATE` (no REPLACE: a key that already exists on the
+    /// target fails it with BUSYKEY, as it fails a reshard); how many.
+    pub fn migrate(
+        &self,
+        slot: i64,
+        from: usize,
+        to: usize,
+        mut pick: impl FnMut(&str) -> bool,
+    ) -> usize {
+        let mut source = self.conn(from);
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100_000)
+            .query(&mut source)
+            .expect("CLUSTER GETKEYSINSLOT");
+        let keys: Vec<&String> = keys.iter().filter(|k| pick(k)).collect();
+        if keys.is_empty() {
+            return 0;
+        }
+        let reply: redis::RedisResult<String> = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(self.ports[to])
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut source);
+        if let Err(e) = reply {
+            panic!("MIGRATE of {} keys of slot {slot} failed: {e}", keys.len());
+        }
+        keys.len()
+    }
+
+    /// Moves what is left of `slot` to `to` and assigns it there on every node.
+    pub fn finish(&self, slot: i64, from: usize, to: usize) {
+        self.migrate(slot, from, to, |_| true);
+        let others = (0..self.ports.len()).filter(|&n| n != to && n != from);
+        for node in [to, from].into_iter().chain(others) {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&self.ids[to])
+                .query::<()>(&mut self.conn(node))
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} NODE: {e}"));
+        }
+    }
+
+    /// ASK, TRYAGAIN and MOVED replies the nodes have sent so far (`INFO
+    /// errorstats` counts error replies by code): how many calls met a
+    /// migrating or moved slot.
+    pub fn redirect_replies(&self) -> u64 {
+        (0..self.ports.len())
+            .map(|node| {
+                let info: String = redis::cmd("INFO")
+                    .arg("errorstats")
+                    .query(&mut self.conn(node))
+                    .expect("INFO errorstats");
+                ["ASK", "TRYAGAIN", "MOVED"]
+                    .iter()
+                    .filter_map(|code| info_field(&info, &format!("errorstat_{code}")))
+                    .filter_map(|v| {
+                        v.strip_prefix("count=")?
+                            .split(',')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Standalone redis-server
 // ---------------------------------------------------------------------------
@@ -372,6 +509,23 @@ impl RedisCluster {
     /// `wait_ready`).
     pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
         &mut self.nodes
+    }
+
+    /// A handle for moving slots between the nodes by hand (Send, so a test
+    /// can finish a migration from another thread).
+    pub fn admin(&self) -> ClusterAdmin {
+        let ports: Vec<u16> = self.nodes.iter().map(|n| n.port).collect();
+        let ids = ports
+            .iter()
+            .map(|&port| {
+                let mut conn = connect_sync(port).expect("cluster node answers");
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query::<String>(&mut conn)
+                    .expect("CLUSTER MYID")
+            })
+            .collect();
+        ClusterAdmin { ports, ids }
     }
 
     /// Waits until every node reports `cluster_state:ok` with all slots assigned
