@@ -49,6 +49,12 @@ The lock
   own. The holder refreshes the lock while it delivers; silent for the lock
   TTL (hold - PTTL >= TTL) the holder is taken for dead and the lock taken
   over. Only then is PTTL read: an uncontended lock costs one SET, as before.
+  A lock whose PTTL is at most the lock TTL was not set with a hold (Sentry's
+  flusher sharing the Redis, an older spanbuf): it is never taken over, it
+  expires. Every worker of a fleet must use the same SPANBUF_REDIS_TTL_SECS
+  and SPANBUF_FLUSH_LOCK_TTL_SECS: one with a longer hold would take the
+  live locks of one with a shorter hold over (a re-delivery of the same
+  snapshot, duplicates with the same flush ids).
 
 Returns a flat array
   [1] 1 if locked (or locks are off, or the lock already held our token, or
@@ -79,10 +85,15 @@ if lock_ttl_ms > 0 then
             -- Our own lock, kept from a cycle whose delivery failed: take it
             -- again and deliver the same snapshot.
             redis.call("PEXPIRE", lock_key, hold_ms)
-        elseif hold_ms - redis.call("PTTL", lock_key) < lock_ttl_ms then
-            -- Another flusher's, refreshed within the lock TTL.
-            return { 0 }
         else
+            -- Another flusher's. Taken over only if it is one of ours (its
+            -- TTL longer than a lock TTL: set with the hold) and silent for
+            -- the lock TTL. A shorter one (a lock of Sentry's flusher, or of
+            -- an older spanbuf) is held until it expires.
+            local pttl = redis.call("PTTL", lock_key)
+            if pttl <= lock_ttl_ms or hold_ms - pttl < lock_ttl_ms then
+                return { 0 }
+            end
             -- Its holder went silent (died after delivering, before its
             -- cleanup): the snapshot is unchanged, deliver it again.
             redis.call("SET", lock_key, token, "PX", hold_ms)

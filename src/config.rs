@@ -218,7 +218,7 @@ pub const VARIABLES: &[VarDoc] = &[
     VarDoc {
         name: var::FLUSH_LOCK_TTL_SECS,
         default: "30",
-        meaning: "flush lock TTL, in seconds; 0 disables locks; below SPANBUF_REDIS_TTL_SECS",
+        meaning: "how long a flush lock protects a holder that stopped refreshing it (a crashed flusher); then another flusher takes the segment over. In seconds; 0 disables locks; below SPANBUF_REDIS_TTL_SECS (how long the lock key itself stays)",
     },
     VarDoc {
         name: var::OUTPUT_CODEC,

@@ -78,6 +78,16 @@ fn wait_consumed(worker: &Worker, spans: f64) {
     });
 }
 
+/// `CONFIG SET maxmemory <value>` (e.g. to trigger hard backpressure).
+fn set_maxmemory(conn: &mut redis::Connection, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(value)
+        .query::<()>(conn)
+        .expect("config set");
+}
+
 fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([signal, &pid.to_string()])
@@ -980,14 +990,6 @@ fn a_new_owner_does_not_flush_before_catching_up() {
     // of its maxmemory), as a new owner may be busy, slow or behind: its
     // flusher runs while the grandchildren are still in Kafka.
     let mut conn = redis.connection();
-    let set_maxmemory = |conn: &mut redis::Connection, value: &str| {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(value)
-            .query::<()>(conn)
-            .expect("config set");
-    };
     set_maxmemory(&mut conn, "50mb");
     let mut b_vars = vars.to_vec();
     b_vars.push(("SPANBUF_MAX_REDIS_MEMORY_PERCENT", "1".into()));
@@ -1017,6 +1019,56 @@ fn a_new_owner_does_not_flush_before_catching_up() {
     let stderr = b.stop_cleanly();
     // End-of-partition events are the catch-up signal, not errors to log.
     assert!(!stderr.contains("PartitionEOF"), "{stderr}");
+}
+
+/// Found by `scripts/chaos.sh` (seed 2, 2026-12-04): a worker paused by
+/// backpressure lost its two partitions in a rebalance, the backpressure
+/// ended while it held none (so its resume reached nothing), and the same
+/// two came back to it: librdkafka keeps a partition's pause across
+/// rebalances, so they stayed paused, and 34,280 spans waited in Kafka for
+/// good while the worker looked healthy. Here A is paused by hard
+/// backpressure, B joins and takes half the partitions, the backpressure
+/// ends, B leaves: A gets all four back and must consume every one.
+#[test]
+fn a_partition_paused_before_a_rebalance_is_consumed_after_it() {
+    let redis = RedisServer::start();
+    let broker = Broker::start();
+    topics(&broker);
+    let vars = [
+        ("SPANBUF_REDIS_URL", redis.url()),
+        ("SPANBUF_MAX_REDIS_MEMORY_PERCENT", "1".into()),
+    ];
+    let mut conn = redis.connection();
+    let paused =
+        |w: &Worker| w.metric("spanbuf_backpressure_active{reason=\"redis_memory\"}") == Some(1.0);
+    // Redis holds more than 1 % of 50 MB from the start: A pauses.
+    set_maxmemory(&mut conn, "50mb");
+    let mut a = Worker::start_with(&broker, &vars);
+    wait_for(
+        "A paused holding every partition",
+        Duration::from_secs(60),
+        || paused(&a) && a.metric("spanbuf_assigned_partitions") == Some(4.0),
+    );
+    let mut b = Worker::start_with(&broker, &vars);
+    wait_sharing(&a, &b, true);
+    set_maxmemory(&mut conn, "0");
+    wait_for("both resumed", Duration::from_secs(60), || {
+        a.metric("spanbuf_backpressure_active{reason=\"redis_memory\"}") == Some(0.0)
+            && b.metric("spanbuf_backpressure_active{reason=\"redis_memory\"}") == Some(0.0)
+    });
+    b.stop_cleanly();
+    wait_for(
+        "A holding every partition again",
+        Duration::from_secs(60),
+        || a.metric("spanbuf_assigned_partitions") == Some(4.0),
+    );
+
+    let (lines, expected) = spans(0);
+    produce(&broker, &lines);
+    let mut output = Output::new(&broker);
+    read_all(&mut output, &expected, Some(&redis));
+    assert_eq!(a.metric("spanbuf_spans_consumed_total"), Some(800.0));
+    a.stop_cleanly();
 }
 
 /// Issue 12 item 1, second half: hard backpressure read Redis memory every

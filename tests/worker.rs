@@ -265,7 +265,9 @@ fn soft_backpressure_pauses_on_flush_lag_and_resumes() {
     wait_for("batch A in Redis", Duration::from_secs(60), || {
         worker.metric("spanbuf_spans_consumed_total") == Some(800.0)
     });
-    // Another flusher holds every queued segment's lock.
+    // Another flusher holds every queued segment's lock, as a live one
+    // does: set with the hold (SPANBUF_REDIS_TTL_SECS, 3600 by default),
+    // so it is not taken over within the lock TTL.
     let mut conn = redis.connection();
     let mut locks = Vec::new();
     for shard in 0..4 {
@@ -281,7 +283,7 @@ fn soft_backpressure_pauses_on_flush_lag_and_resumes() {
                 .arg(&lock)
                 .arg("another-flusher")
                 .arg("EX")
-                .arg(120)
+                .arg(3600)
                 .query(&mut conn)
                 .expect("set lock");
             locks.push(lock);

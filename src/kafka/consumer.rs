@@ -187,12 +187,21 @@ impl ConsumerContext for SpanbufContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 let new: Vec<i32> = partitions_of(list, &self.topic);
                 tracing::info!(partitions = ?new, "partitions assigned");
                 self.assignment.assign(&new);
+                // librdkafka keeps a partition's pause across rebalances: one
+                // paused under backpressure, revoked, and assigned back after
+                // the backpressure ended (the resume reached only what was
+                // held then) would stay paused for good, its spans waiting
+                // in Kafka. Every assignment starts resumed; while
+                // backpressure lasts, the consume loop pauses it again.
+                if let Err(err) = consumer.resume(list) {
+                    tracing::warn!(error = %err, "resuming newly assigned partitions");
+                }
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance error"),
