@@ -17,19 +17,12 @@ Runs at and above maxmemory
   (maxmemory-policy noeviction); without the flag the lock's SET was refused
   and nothing could ever be flushed.
 
-KEYS (every key the script touches, all in the trace's {pt} slot; the
-same list as flush_done's, so Redis Cluster refuses the call while the slot
-migrates and one of them is not on the node, instead of running it against
-half-moved keys)
-  KEYS[1]  P:mk:{pt}:<root>      member-keys index
-  KEYS[2]  P:ic:<segment key>    ingested span count
-  KEYS[3]  P:ibc:<segment key>   ingested byte count
-  KEYS[4]  P:hrs:<segment key>   (not touched here)
-  KEYS[5]  P:fs:<segment key>    (not touched here)
-  KEYS[6]  P:cut:<segment key>   root a detached segment was cut from
-  KEYS[7]  P:fl:<segment key>    flush lock
-  KEYS[8]  P:ssr:{pt}            redirect map
-  KEYS[9]  P:dl:{pt}             delivered record
+KEYS
+  The nine keys of flush_done's header, in the same order (one list,
+  Keys::segment_keys); this script touches KEYS[1] (index), [2] (ic), [3]
+  (ibc), [6] (cut), [7] (lock), [8] (redirect map) and [9] (delivered
+  record), not [4] and [5]. Declaring every key makes Redis Cluster refuse
+  the call while the slot migrates and one of them is not on the node.
 
 ARGV
   1  key prefix (P); not read (KEYS names everything)

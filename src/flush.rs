@@ -43,7 +43,8 @@ pub struct FlushSettings {
     pub max_flush_segments: usize,
     /// 0 = locks disabled.
     pub lock_ttl_ms: u64,
-    /// How long a lock stays after its last refresh ([`LockTimes`]).
+    /// How long a lock stays after its last refresh, at least the lock TTL
+    /// ([`LockTimes`]).
     pub lock_hold_ms: u64,
     pub max_segment_bytes: usize,
     pub page_size: usize,
@@ -230,17 +231,18 @@ impl Flusher {
         }
     }
 
+    /// The lock TTL and hold for the scripts ([`LockTimes`]).
+    fn lock_times(&self) -> LockTimes {
+        LockTimes {
+            ttl_ms: self.settings.lock_ttl_ms,
+            hold_ms: self.settings.lock_hold_ms,
+        }
+    }
+
     /// Runs `delivery` while extending the held locks every third of their
     /// TTL, so a delivery slower than the TTL keeps its segments (see
     /// `lua/lock_refresh.lua`). A failed refresh is logged; the delivery goes
     /// on either way (its records are already on their way).
-    fn lock_times(&self) -> LockTimes {
-        LockTimes {
-            ttl_ms: self.settings.lock_ttl_ms,
-            hold_ms: self.settings.lock_hold_ms.max(self.settings.lock_ttl_ms),
-        }
-    }
-
     async fn refreshing_locks<T>(
         &self,
         held: &[LoadRequest<'_>],

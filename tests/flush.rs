@@ -193,6 +193,13 @@ fn index(records: &[FlushedSegment]) -> BTreeMap<String, (String, bool, String)>
 }
 
 /// Flush cycles of shard 0 at `now` until one has nothing more due.
+/// Span `id(1)` of trace `t` and its children `id(2)..=id(n)`.
+fn root_and_children(t: &str, n: u64) -> Vec<TestSpan> {
+    (1..=n)
+        .map(|k| TestSpan::new(t, &id(k), (k > 1).then(|| id(1)).as_deref()))
+        .collect()
+}
+
 async fn cycles_until_done(
     flusher: &Flusher,
     sink: &Collect,
@@ -1454,9 +1461,7 @@ async fn a_window_retried_after_a_lost_reply_counts_as_consumed(backend: Backend
     let mut env = Env::start(backend, |_| {}).await;
     let t = trace(40);
     let mut batch = Vec::new();
-    for n in 1..=6u64 {
-        let parent = (n > 1).then(|| id(1));
-        let span = TestSpan::new(&t, &id(n), parent.as_deref());
+    for span in root_and_children(&t, 6) {
         batch.push(spanbuf::ingest::ShardedSpan {
             shard: 0,
             span: spanbuf::span::decode_span(&span.json(), usize::MAX).expect("valid"),
@@ -1566,9 +1571,7 @@ async fn merging_children_stays_within_the_segment_limit(backend: Backend) {
 async fn spans_read_again_after_their_flush_are_duplicates(backend: Backend) {
     let mut env = Env::start(backend, |_| {}).await;
     let t = trace(60);
-    let spans: Vec<TestSpan> = (1..=5u64)
-        .map(|n| TestSpan::new(&t, &id(n), (n > 1).then(|| id(1)).as_deref()))
-        .collect();
+    let spans = root_and_children(&t, 5);
     let pt = spans[0].pt();
     env.ingest(&spans, T0).await;
     let flusher = env.flusher();
@@ -1650,9 +1653,7 @@ async fn a_cleanup_that_meets_a_half_migrated_slot_waits_for_it() {
     })
     .await;
     let t = trace(70);
-    let spans: Vec<TestSpan> = (1..=3u64)
-        .map(|n| TestSpan::new(&t, &id(n), (n > 1).then(|| id(1)).as_deref()))
-        .collect();
+    let spans = root_and_children(&t, 3);
     let pt = spans[0].pt();
     env.ingest(&spans, T0).await;
     let admin = env.cluster().expect("a cluster").admin();

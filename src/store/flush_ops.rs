@@ -387,8 +387,8 @@ impl Store {
             if reply.removed_salts.is_empty() {
                 continue;
             }
+            let keys = self.keys().segment_keys(&d.pt, d.root);
             for page in d.span_ids.chunks(SPAN_IDS_PER_CALL).skip(1) {
-                let keys = self.keys().segment_keys(&d.pt, d.root);
                 let mut call = self.scripts.flush_done.call(&keys.all());
                 call.arg(self.keys().prefix())
                     .arg(d.root)

@@ -113,8 +113,6 @@ impl StoreError {
                 "BUSY",
                 "TRYAGAIN",
                 "CLUSTERDOWN",
-                "MOVED",
-                "ASK",
                 "MASTERDOWN",
                 "OOM",
             ]
